@@ -1,0 +1,50 @@
+# CollaFuse developer commands. `make demo` and `make test` work on a fresh Debian machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_OUT ?= demo-out
+
+.PHONY: setup demo test lint typecheck protos check-protos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: the CPU build that lies on disk here.
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+setup: $(STAMP) $(FMNIST)
+	@# The strict editable install links each file; relink so new modules are importable.
+	@$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+
+demo: setup
+	$(VENV)/bin/collafuse demo --clients 3 --out $(DEMO_OUT)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client
+	$(PY) -m pytest -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client
+
+# Regenerate the committed protobuf/gRPC modules and stubs from proto/.
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/collafuse/v1/collafuse.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

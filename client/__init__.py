@@ -1,0 +1,1 @@
+"""The CollaFuse client: daemon, local trainer, synthesis, release ledger."""

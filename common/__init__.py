@@ -1,0 +1,1 @@
+"""Code shared by the server and the client; imports neither side."""

@@ -1,0 +1,319 @@
+"""Frozen configuration models: one source of defaults, loaded from TOML, overridable by flags."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from collafuse import __version__
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ScheduleConfig(_Frozen):
+    """The DDPM noise schedule; the server owns it and clients adopt it at registration."""
+
+    num_timesteps: int = Field(default=1000, ge=2, le=10_000)
+    """T, the number of diffusion steps."""
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    """How the betas grow: linear (Ho et al.) or cosine (Nichol & Dhariwal)."""
+    beta_start: float = Field(default=1e-4, gt=0, lt=1)
+    """First beta of the linear schedule, stated for T=1000 and rescaled by 1000/T for other T."""
+    beta_end: float = Field(default=0.02, gt=0, lt=1)
+    """Last beta of the linear schedule, stated for T=1000 and rescaled by 1000/T for other T."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduleConfig:
+        if self.beta_end <= self.beta_start:
+            raise ValueError("beta_end must be larger than beta_start")
+        return self
+
+
+class ImageConfig(_Frozen):
+    """Shape of the images every client and the server agree on."""
+
+    channels: int = Field(default=1, ge=1, le=4)
+    """Colour channels (1 for grey, 3 for RGB)."""
+    size: int = Field(default=28, ge=4, le=512)
+    """Height and width in pixels; images are square."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return (self.channels, self.size, self.size)
+
+
+class UNetConfig(_Frozen):
+    """Size of a diffusers UNet2DModel."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    """Channels at each resolution level; each level but the last halves the resolution."""
+    layers_per_block: int = Field(default=1, ge=1, le=4)
+    """Residual layers per level."""
+    attention_levels: tuple[int, ...] = (1,)
+    """Indices of levels that carry self-attention."""
+    norm_num_groups: int = Field(default=8, ge=1)
+    """Groups of GroupNorm; must divide every entry of block_out_channels."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UNetConfig:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must not be empty")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} does not divide {bad}")
+        levels = len(self.block_out_channels)
+        if any(i < 0 or i >= levels for i in self.attention_levels):
+            raise ValueError(f"attention_levels must lie in 0..{levels - 1}")
+        return self
+
+
+SERVER_UNET = UNetConfig()
+# The client's default network is under 10% of the server's parameters: it only denoises the
+# cheap low-noise end of the chain, on an edge machine.
+CLIENT_UNET = UNetConfig(block_out_channels=(8, 16), attention_levels=(), norm_num_groups=4)
+
+
+class ServerTrainConfig(_Frozen):
+    """How the server trains the shared denoiser on the pool of cut images."""
+
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    """Cut images per training step."""
+    lr: float = Field(default=2e-4, gt=0, le=1)
+    """AdamW learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    ema_decay: float = Field(default=0.995, ge=0, lt=1)
+    """Decay of the EMA weights that serve synthesis."""
+    p_uncond: float = Field(default=0.1, ge=0, le=1)
+    """Probability of replacing the client condition by the unconditional token in training."""
+    loss_gamma: float = Field(default=5.0, gt=0)
+    """Bound on the bridge loss weight, in eps-MSE units (min-SNR style)."""
+    max_steps: int = Field(default=0, ge=0)
+    """Stop training after this many steps; 0 trains for as long as the server runs."""
+    checkpoint_every: int = Field(default=200, ge=1)
+    """Write an atomic checkpoint every this many steps."""
+    publish_every: int = Field(default=50, ge=1)
+    """Hand the EMA weights to the sampler every this many steps (the model version)."""
+    min_pool: int = Field(default=1, ge=1)
+    """Do not start training before the pool holds this many cut images."""
+    seed: int = 0
+    """Seed of the trainer's noise draws."""
+
+
+class PolicyConfig(_Frozen):
+    """What the server refuses, to keep the privacy contract (DESIGN section 4)."""
+
+    max_release_snr: float = Field(default=1.0, gt=0)
+    """Largest signal-to-noise ratio abar/(1-abar) a cut may have. The default 1.0 means the
+    noise carries at least as much power as the (unit-scaled) image; cleaner cuts are refused."""
+    guard_tolerance: float = Field(default=0.7, gt=0, le=1)
+    """An upload is refused when its measured noise std is below this share of the std its
+    declared t_cut implies."""
+    max_clients: int = Field(default=16, ge=1, le=100_000)
+    """Clients the conditioned server model has room for."""
+    max_images_per_client: int = Field(default=100_000, ge=1)
+    """Quota of cut images per client."""
+    max_synthesize_n: int = Field(default=1024, ge=1)
+    """Largest n a Synthesize request may ask for."""
+
+
+class SamplerConfig(_Frozen):
+    """How the server batches synthesis requests."""
+
+    max_batch: int = Field(default=256, ge=1)
+    """Largest number of samples in one network call, across all requests."""
+
+
+class ServerConfig(_Frozen):
+    """Everything `collafuse server` needs."""
+
+    listen: str = "127.0.0.1:50051"
+    """HOST:PORT to listen on; port 0 picks a free one."""
+    data_dir: Path = Path("collafuse-server")
+    """Where the pool, checkpoints and logs live."""
+    insecure: bool = False
+    """Serve plaintext gRPC (loopback and tests only); otherwise TLS from tls_cert/tls_key."""
+    tls_cert: Path | None = None
+    """PEM certificate chain for TLS."""
+    tls_key: Path | None = None
+    """PEM private key for TLS."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; auto takes CUDA when present."""
+    threads: int = Field(default=0, ge=0)
+    """torch CPU threads; 0 keeps torch's default."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """The noise schedule."""
+    image: ImageConfig = ImageConfig()
+    """The image shape clients must register with."""
+    model: UNetConfig = SERVER_UNET
+    """The shared denoiser."""
+    train: ServerTrainConfig = ServerTrainConfig()
+    """Training of the shared denoiser."""
+    policy: PolicyConfig = PolicyConfig()
+    """Privacy and quota policy."""
+    sampler: SamplerConfig = SamplerConfig()
+    """Synthesis batching."""
+
+
+class DataConfig(_Frozen):
+    """Where a client's images come from and which share of them it holds."""
+
+    source: Literal["fashion-mnist", "digits", "folder"] = "fashion-mnist"
+    """fashion-mnist (Debian package files), digits (scikit-learn) or a folder of images."""
+    path: Path | None = None
+    """Directory of the data: the IDX files for fashion-mnist, the images for folder."""
+    partition: Literal["iid", "classes", "dirichlet"] = "classes"
+    """How the data set is split across clients."""
+    num_clients: int = Field(default=1, ge=1)
+    """Number of clients the data set is split across."""
+    client_index: int = Field(default=0, ge=0)
+    """Which share this client holds."""
+    classes: tuple[int, ...] | None = None
+    """For partition=classes: the classes this client holds; default deals classes round-robin."""
+    alpha: float = Field(default=0.5, gt=0)
+    """Dirichlet concentration for partition=dirichlet (small = more skewed)."""
+    limit: int = Field(default=0, ge=0)
+    """Keep at most this many images (0 keeps all)."""
+    seed: int = 0
+    """Seed of the partition, shared by all clients of one federation."""
+
+    @model_validator(mode="after")
+    def _index(self) -> DataConfig:
+        if self.client_index >= self.num_clients:
+            raise ValueError(f"client_index {self.client_index} >= num_clients {self.num_clients}")
+        return self
+
+
+class ClientTrainConfig(_Frozen):
+    """How the client trains its small denoiser on t <= t_cut."""
+
+    steps: int = Field(default=600, ge=0)
+    """Training steps in total (resumed across restarts)."""
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    """Images per step."""
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    """AdamW learning rate."""
+    ema_decay: float = Field(default=0.99, ge=0, lt=1)
+    """Decay of the EMA weights used for synthesis."""
+    checkpoint_every: int = Field(default=100, ge=1)
+    """Write an atomic checkpoint every this many steps."""
+    seed: int = 0
+    """Seed of the local trainer."""
+
+
+class SynthConfig(_Frozen):
+    """Defaults for `collafuse client synthesize`."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    """Sampler on both halves of the chain."""
+    server_steps: int = Field(default=50, ge=0)
+    """Steps the server takes from T to t_cut (0 = every timestep)."""
+    client_steps: int = Field(default=0, ge=0)
+    """Steps the client takes from t_cut to 0 (0 = every timestep)."""
+    eta: float = Field(default=0.0, ge=0, le=1)
+    """DDIM eta."""
+    mixture: bool = False
+    """Ask the server for the mixture of all clients instead of this client's distribution."""
+
+
+class ClientConfig(_Frozen):
+    """Everything `collafuse client` needs."""
+
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "client-0"
+    """Stable id of this client."""
+    server: str = "127.0.0.1:50051"
+    """HOST:PORT of the CollaFuse server."""
+    insecure: bool = False
+    """Talk plaintext gRPC (loopback and tests only); otherwise TLS, trusting tls_ca."""
+    tls_ca: Path | None = None
+    """PEM root certificates to trust; default is the system's."""
+    state_dir: Path = Path("collafuse-client")
+    """Where the secret, ledger, checkpoints and status live."""
+    cut_ratio: float = Field(default=0.3, gt=0, lt=1)
+    """Share c of the chain run on the client: t_cut = round(c * T)."""
+    exposure: Literal["fixed"] = "fixed"
+    """fixed: each image is released once, at t_cut, however long training runs."""
+    image: ImageConfig = ImageConfig()
+    """Image shape; must match the server's."""
+    data: DataConfig = DataConfig()
+    """The local data."""
+    model: UNetConfig = CLIENT_UNET
+    """The small local denoiser."""
+    train: ClientTrainConfig = ClientTrainConfig()
+    """Local training."""
+    synth: SynthConfig = SynthConfig()
+    """Synthesis defaults."""
+    upload_chunk_bytes: int = Field(default=1 << 20, ge=1024)
+    """Target size of one upload message."""
+    threads: int = Field(default=0, ge=0)
+    """torch CPU threads; 0 keeps torch's default."""
+    exit_when_done: bool = False
+    """Exit once the upload and local training are done instead of staying connected."""
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    """Seconds between status checks while idle."""
+    max_backoff_s: float = Field(default=10.0, gt=0)
+    """Longest wait between reconnect attempts."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override value as TOML, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (values parsed as TOML)."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(value.strip())
+    return out
+
+
+def load_config(
+    model: type[M], path: Path | None = None, overrides: list[str] | None = None
+) -> M:
+    """Load a config model from an optional TOML file plus `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+
+
+def config_record(config: BaseModel) -> dict[str, Any]:
+    """What a checkpoint stores about how it was made: the config and the code version."""
+    return {"config": config.model_dump(mode="json"), "code_version": __version__}

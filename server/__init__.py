@@ -1,0 +1,1 @@
+"""The CollaFuse server: cut-image pool, shared trainer, batched sampler, gRPC service."""
