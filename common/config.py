@@ -294,9 +294,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def load_config(
-    model: type[M], path: Path | None = None, overrides: list[str] | None = None
-) -> M:
+def load_config(model: type[M], path: Path | None = None, overrides: list[str] | None = None) -> M:
     """Load a config model from an optional TOML file plus `key=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:

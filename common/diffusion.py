@@ -8,6 +8,7 @@ at an image. The denoiser is any callable `(x_t, t) -> eps_hat`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ class Diffusion:
         Its expectation is (SNR_c - SNR_t) ||x0_hat - x_0||^2 / var + 1 per pixel; we weight in
         x_c space with w = min(1, gamma / lam) / var, lam = SNR_c / SNR_t - 1, which is the
         eps-MSE weight lam bounded by gamma (min-SNR style). Near t = c, a -> 0 and the step
-        barely depends on x0_hat, and the weight fades with it. The noise floor is 1 per pixel.
+        barely depends on x0_hat, and the weight fades with it. The bridge noise alone
+        contributes min(1, gamma / lam) per pixel, so the loss never reaches 0.
         """
         x_t = self.renoise(x_c, c, t, noise)
         br = self.bridge(c, t, x_c)
@@ -278,7 +280,7 @@ class Diffusion:
         x = x_start
         B = x.shape[0]
         total = len(timesteps) - 1
-        for i, (t_now, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
+        for i, (t_now, t_next) in enumerate(itertools.pairwise(timesteps)):
             t = torch.full((B,), t_now, dtype=torch.long, device=x.device)
             s = torch.full((B,), t_next, dtype=torch.long, device=x.device)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -294,7 +296,9 @@ class TimestepSampler:
     def __init__(self, num_timesteps: int) -> None:
         self.num_timesteps = num_timesteps
 
-    def sample(self, low: Tensor, high: Tensor | int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, low: Tensor, high: Tensor | int, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Integers t with low < t <= high, shape (B,) like `low`.
 
         The server draws (t_cut, T]; the client draws (0, t_cut].

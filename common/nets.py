@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
@@ -9,7 +11,9 @@ from torch import Tensor, nn
 from collafuse.common.config import ImageConfig, UNetConfig
 
 
-def build_unet(config: UNetConfig, image: ImageConfig, num_class_embeds: int | None = None) -> UNet2DModel:
+def build_unet(
+    config: UNetConfig, image: ImageConfig, num_class_embeds: int | None = None
+) -> nn.Module:
     """A UNet2DModel predicting eps; `num_class_embeds` adds a learned embedding per label."""
     levels = len(config.block_out_channels)
     down = tuple(
@@ -19,7 +23,7 @@ def build_unet(config: UNetConfig, image: ImageConfig, num_class_embeds: int | N
         "AttnUpBlock2D" if (levels - 1 - i) in config.attention_levels else "UpBlock2D"
         for i in range(levels)
     )
-    return UNet2DModel(
+    model = UNet2DModel(
         sample_size=image.size,
         in_channels=image.channels,
         out_channels=image.channels,
@@ -31,6 +35,8 @@ def build_unet(config: UNetConfig, image: ImageConfig, num_class_embeds: int | N
         attention_head_dim=8,
         num_class_embeds=num_class_embeds,
     )
+    # diffusers' lazy imports hide that UNet2DModel is an nn.Module from the type checker.
+    return cast(nn.Module, model)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -41,7 +47,7 @@ def count_parameters(model: nn.Module) -> int:
 class UNetDenoiser:
     """Adapts a UNet2DModel to the `(x_t, t) -> eps_hat` callable the diffusion math takes."""
 
-    def __init__(self, model: UNet2DModel, labels: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, labels: Tensor | None = None) -> None:
         self.model = model
         self.labels = labels  # (B,) int64 condition per sample, or None when unconditioned
 

@@ -45,7 +45,9 @@ def tensor_to_proto(tensor: Tensor, dtype: str = "float32") -> pb.Tensor:
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
     array = tensor.detach().cpu().numpy().astype(WIRE_DTYPES[dtype], copy=False)
-    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array).tobytes())
+    return pb.Tensor(
+        dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array).tobytes()
+    )
 
 
 def tensor_from_proto(msg: pb.Tensor, what: str = "tensor") -> Tensor:
@@ -299,7 +301,10 @@ def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
         uptime_s=s.uptime_s,
         pools=[
             pb.ClientPool(
-                client_id=p.client_id, client_index=p.client_index, t_cut=p.t_cut, num_images=p.num_images
+                client_id=p.client_id,
+                client_index=p.client_index,
+                t_cut=p.t_cut,
+                num_images=p.num_images,
             )
             for p in s.pools
         ],

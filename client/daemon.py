@@ -1,0 +1,303 @@
+"""The client daemon: register, upload cut images once, train locally, stay connected.
+
+Every phase resumes after a crash: the ledger says which cut images the server acknowledged,
+the local checkpoint holds the training step, and a lost server is redialled with backoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from collafuse.client.ledger import Ledger
+from collafuse.client.remote import Remote, open_channel
+from collafuse.client.secret import image_noise, load_or_create_secret, wire_id
+from collafuse.client.trainer import LocalTrainer
+from collafuse.common.config import ClientConfig
+from collafuse.common.data import LocalData, load_local_data
+from collafuse.common.diffusion import Diffusion
+from collafuse.common.domain import CutBatch, Registration, Session, UploadResult
+
+log = logging.getLogger("collafuse.client")
+R = TypeVar("R")
+
+# Status codes that mean "the server is not there right now": wait and redial.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class ClientRefused(RuntimeError):
+    """The server refused this client for a reason retrying will not fix."""
+
+
+@dataclass
+class ClientStatus:
+    """What the daemon writes to state_dir/status.json for people and scripts to read."""
+
+    client_id: str
+    phase: str = "starting"
+    t_cut: int = 0
+    images: int = 0
+    uploaded: int = 0
+    rejected: int = 0
+    bytes_released: int = 0
+    train_step: int = 0
+    train_steps: int = 0
+    last_loss: float = math.nan
+    train_seconds: float = 0.0
+    upload_seconds: float = 0.0
+    reconnects: int = 0
+    server_model_version: int = 0
+    model_parameters: int = 0
+    last_error: str = ""
+    updated_at: float = 0.0
+
+
+def state_paths(config: ClientConfig) -> dict[str, Path]:
+    """Where a client keeps its files."""
+    d = config.state_dir
+    return {
+        "secret": d / "secret.key",
+        "ledger": d / "ledger.sqlite",
+        "checkpoint": d / "checkpoints" / "client.pt",
+        "status": d / "status.json",
+        "session": d / "session.json",
+    }
+
+
+def compute_cuts(data: LocalData, secret: bytes, diffusion: Diffusion, t_cut: int) -> torch.Tensor:
+    """x_c = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps1, eps1 seeded by the secret per image."""
+    eps1 = torch.stack([image_noise(secret, i, tuple(data.images.shape[1:])) for i in data.ids])
+    c = torch.full((data.images.shape[0],), t_cut, dtype=torch.long)
+    return diffusion.q_sample(data.images, c, eps1)
+
+
+class ClientDaemon:
+    """Runs one client until it is done (exit_when_done) or stopped."""
+
+    def __init__(self, config: ClientConfig, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.paths = state_paths(config)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.secret = load_or_create_secret(self.paths["secret"])
+        self.ledger = Ledger(self.paths["ledger"])
+        self.stop_event = stop or threading.Event()
+        self.status = ClientStatus(client_id=config.client_id, train_steps=config.train.steps)
+        self.data = load_local_data(config.data, config.image)
+        self.status.images = int(self.data.images.shape[0])
+        self.remote: Remote | None = None
+        self.session: Session | None = None
+        self._sent: list[tuple[int, str]] = []  # (ledger seq, wire id) of the current stream
+
+    # ----- status --------------------------------------------------------------------------
+
+    def write_status(self, **changes: object) -> None:
+        """Update and atomically rewrite status.json."""
+        for k, v in changes.items():
+            setattr(self.status, k, v)
+        self.status.updated_at = time.time()
+        tmp = self.paths["status"].with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.status), indent=2))
+        os.replace(tmp, self.paths["status"])
+
+    # ----- connection ----------------------------------------------------------------------
+
+    def _connect(self) -> Remote:
+        if self.remote is None:
+            cfg = self.config
+            self.remote = Remote(open_channel(cfg.server, cfg.insecure, cfg.tls_ca))
+        return self.remote
+
+    def _with_retry(self, what: str, call: Callable[[Remote], R]) -> R:
+        """Run a call, redialling with exponential backoff while the server is away."""
+        delay = 0.5
+        failed = False
+        while True:
+            if self.stop_event.is_set():
+                raise InterruptedError("stopped")
+            try:
+                result = call(self._connect())
+                if failed:
+                    self.write_status(reconnects=self.status.reconnects + 1, last_error="")
+                    log.info("%s: reconnected to %s", what, self.config.server)
+                return result
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code not in _TRANSIENT:
+                    raise ClientRefused(f"{what} refused: {code.name}: {exc.details()}") from None
+                failed = True
+                self.write_status(last_error=f"{what}: {code.name}, retrying in {delay:.1f}s")
+                log.warning(
+                    "%s: server unavailable (%s); retrying in %.1fs", what, code.name, delay
+                )
+                if self.remote is not None:
+                    self.remote.close()
+                    self.remote = None
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, self.config.max_backoff_s)
+
+    def register(self) -> Session:
+        """Register (idempotent); the session carries the schedule and t_cut."""
+        cfg = self.config
+        reg = Registration(
+            client_id=cfg.client_id,
+            image_shape=cfg.image.shape,
+            cut_ratio=cfg.cut_ratio,
+            exposure=cfg.exposure,
+            num_images=self.status.images,
+        )
+        session = self._with_retry("register", lambda r: r.register(reg))
+        diffusion = Diffusion.from_config(session.schedule.config)
+        if diffusion.hash != session.schedule.hash:
+            raise ClientRefused(
+                f"the server's schedule hash {session.schedule.hash} does not match the betas it "
+                f"describes ({diffusion.hash}); client and server code disagree"
+            )
+        self.session = session
+        self.paths["session"].write_text(
+            json.dumps(
+                {
+                    "schedule": session.schedule.config.model_dump(mode="json"),
+                    "schedule_hash": session.schedule.hash,
+                    "t_cut": session.t_cut,
+                    "client_index": session.client_index,
+                    "release_snr": session.release_snr,
+                }
+            )
+        )
+        self.write_status(
+            phase="registered", t_cut=session.t_cut, server_model_version=session.model_version
+        )
+        log.info(
+            "registered as index %d: T=%d, t_cut=%d, release SNR %.3g",
+            session.client_index,
+            session.schedule.config.num_timesteps,
+            session.t_cut,
+            session.release_snr,
+        )
+        return session
+
+    # ----- upload --------------------------------------------------------------------------
+
+    def _batches(self, pending: list[int], cuts: torch.Tensor, t_cut: int) -> Iterator[CutBatch]:
+        per_image = 4 * math.prod(cuts.shape[1:])
+        per_msg = max(1, self.config.upload_chunk_bytes // per_image)
+        for lo in range(0, len(pending), per_msg):
+            idx = pending[lo : lo + per_msg]
+            part = cuts[idx]
+            local = [self.data.ids[i] for i in idx]
+            wire = [wire_id(self.secret, i) for i in local]
+            # The ledger row is written before the tensor leaves the machine.
+            rows = [
+                (lid, wid, t_cut, per_image, hashlib.sha256(part[k].numpy().tobytes()).hexdigest())
+                for k, (lid, wid) in enumerate(zip(local, wire, strict=True))
+            ]
+            self._sent.extend(zip(self.ledger.record(rows), wire, strict=True))
+            yield CutBatch(client_id=self.config.client_id, t_cut=t_cut, image_ids=wire, cuts=part)
+
+    def upload(self, session: Session, everything: bool = False) -> None:
+        """Upload every cut image the server has not acknowledged (all of them if everything)."""
+        started = time.perf_counter()
+        diffusion = Diffusion.from_config(session.schedule.config)
+        cuts = compute_cuts(self.data, self.secret, diffusion, session.t_cut)
+        acked = set() if everything else self.ledger.acknowledged_ids()
+        pending = [i for i, lid in enumerate(self.data.ids) if lid not in acked]
+        self.write_status(phase="uploading", uploaded=len(self.data.ids) - len(pending))
+        if not pending:
+            return
+        log.info("uploading %d cut images at t_cut=%d", len(pending), session.t_cut)
+
+        def attempt(remote: Remote) -> UploadResult:
+            self._sent = []  # a retried stream starts over; the server de-duplicates by id
+            return remote.upload(self._batches(pending, cuts, session.t_cut))
+
+        result = self._with_retry("upload", attempt)
+        refused = {rid for rid, _ in result.rejections}
+        self.ledger.acknowledge([seq for seq, wid in self._sent if wid not in refused])
+        summary = self.ledger.summary()
+        self.write_status(
+            uploaded=summary.images_acknowledged,
+            rejected=result.rejected,
+            bytes_released=summary.bytes_released,
+            upload_seconds=self.status.upload_seconds + time.perf_counter() - started,
+        )
+        log.info(
+            "server accepted %d, duplicate %d, rejected %d; it holds %d of ours",
+            result.accepted,
+            result.duplicate,
+            result.rejected,
+            result.pool_size,
+        )
+        if result.rejected:
+            reason = result.rejections[0][1] if result.rejections else "see the server log"
+            raise ClientRefused(f"the server rejected {result.rejected} cut images: {reason}")
+
+    # ----- training ------------------------------------------------------------------------
+
+    def train(self, session: Session) -> LocalTrainer:
+        """Train the local model to config.train.steps (resumes)."""
+        trainer = LocalTrainer(
+            self.config, session.schedule.config, session.t_cut, self.paths["checkpoint"]
+        )
+        self.write_status(phase="training", model_parameters=trainer.num_parameters)
+        every = max(1, self.config.train.steps // 20)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == self.config.train.steps:
+                self.write_status(train_step=step, last_loss=loss, train_seconds=trainer.seconds)
+                log.info("local step %d/%d loss %.4f", step, self.config.train.steps, loss)
+
+        trainer.train(self.data.images, self.stop_event.is_set, progress)
+        trainer.save()
+        self.write_status(
+            train_step=trainer.step, last_loss=trainer.last_loss, train_seconds=trainer.seconds
+        )
+        return trainer
+
+    # ----- main loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Register, upload, train, then idle with heartbeats; returns an exit code."""
+        try:
+            session = self.register()
+            self.upload(session)
+            self.train(session)
+            self.write_status(phase="done" if self.config.exit_when_done else "idle")
+            while not self.config.exit_when_done and not self.stop_event.is_set():
+                self.heartbeat(session)
+                self.stop_event.wait(self.config.heartbeat_s)
+            return 0
+        except InterruptedError:
+            return 0
+        except ClientRefused as exc:
+            self.write_status(phase="refused", last_error=str(exc))
+            log.error("%s", exc)
+            return 1
+        finally:
+            self.write_status(phase="stopped" if self.status.phase != "done" else "done")
+            if self.remote is not None:
+                self.remote.close()
+            self.ledger.close()
+
+    def heartbeat(self, session: Session) -> None:
+        """Check in with the server; re-upload if it lost what it had acknowledged."""
+        status = self._with_retry("status", lambda r: r.status())
+        ours = next((p for p in status.pools if p.client_id == self.config.client_id), None)
+        self.write_status(server_model_version=status.model_version)
+        if ours is None or ours.num_images < self.status.uploaded:
+            # The server lost our registration or pool (e.g. a new data dir): release the same
+            # fixed-exposure tensors again; the server de-duplicates by id.
+            log.warning("the server holds fewer of our images than it acknowledged; re-uploading")
+            self.upload(self.register(), everything=True)
+            self.write_status(phase="idle")

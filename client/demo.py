@@ -1,0 +1,390 @@
+"""`collafuse demo`: one server and N client daemons as separate processes on loopback.
+
+Each client holds a by-class share of Fashion-MNIST. The demo waits for the uploads and the
+training, synthesizes for every client at once (the server batches them), writes per-client
+grids and a summary, shuts everything down and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collafuse.client.ledger import Ledger
+from collafuse.client.remote import Remote, open_channel
+from collafuse.common.config import ClientConfig, ServerConfig, load_config
+from collafuse.common.domain import ServerStatus
+
+FASHION_CLASSES = [
+    "T-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "boot",
+]  # fmt: skip
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    """Register `collafuse demo`."""
+    p = sub.add_parser("demo", help="run a server and N clients on loopback, end to end")
+    p.add_argument("--clients", type=int, default=3, help="number of client processes")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
+    p.add_argument("--server-steps", type=int, default=1500, help="server training steps")
+    p.add_argument("--client-steps", type=int, default=1500, help="local steps per client")
+    p.add_argument("--images-per-client", type=int, default=3000, help="0 = the whole share")
+    p.add_argument("--timesteps", type=int, default=1000, help="T")
+    p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
+    p.add_argument("--samples", type=int, default=16, help="images synthesized per client")
+    p.add_argument("--server-width", type=int, default=16, help="server UNet base channels")
+    p.add_argument("--client-width", type=int, default=8, help="client UNet base channels")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
+    p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    p.set_defaults(func=run_demo)
+
+
+@dataclass
+class Proc:
+    """A child process and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+def _toml(data: dict[str, Any]) -> str:
+    """A tiny TOML writer for the flat-with-tables configs the demo writes."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _spawn(name: str, args: list[str], log_dir: Path) -> Proc:
+    log = log_dir / f"{name}.log"
+    fh = log.open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "collafuse", *args], stdout=fh, stderr=subprocess.STDOUT, env=env
+    )
+    return Proc(name, popen, log)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class DemoFailed(RuntimeError):
+    """A child process failed; the message carries its log tail."""
+
+
+def _check_alive(procs: list[Proc], allow_exit_zero: set[str]) -> None:
+    for p in procs:
+        code = p.popen.poll()
+        if code is not None and not (code == 0 and p.name in allow_exit_zero):
+            raise DemoFailed(f"{p.name} exited with code {code}; last log lines:\n{_tail(p.log)}")
+
+
+def _unet(width: int, levels: int, attention: bool) -> dict[str, Any]:
+    chans = [width * min(2**i, 4) for i in range(levels)]
+    return {
+        "block_out_channels": chans,
+        "layers_per_block": 1,
+        "attention_levels": [1] if attention else [],
+        "norm_num_groups": max(1, min(8, width // 2)),
+    }
+
+
+def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]]:
+    """The server's and each client's TOML, as a user would write them."""
+    size = 28 if args.data == "fashion-mnist" else 8
+    server = {
+        "listen": "127.0.0.1:0",
+        "data_dir": str(out / "server"),
+        "insecure": True,
+        "threads": 1,
+        "schedule": {"num_timesteps": args.timesteps},
+        "image": {"channels": 1, "size": size},
+        "model": _unet(args.server_width, 3 if size >= 16 else 2, attention=True),
+        "train": {
+            "batch_size": args.batch_size,
+            "max_steps": args.server_steps,
+            "checkpoint_every": max(50, args.server_steps // 10),
+            "publish_every": max(10, args.server_steps // 20),
+            "lr": 1e-3,
+        },
+        "policy": {"max_clients": max(16, args.clients)},
+    }
+    server_path = out / "server.toml"
+    server_path.write_text(_toml(server))
+    clients = []
+    for i in range(args.clients):
+        cfg = {
+            "client_id": f"client-{i}",
+            "server": "SET-AT-RUN-TIME",
+            "insecure": True,
+            "state_dir": str(out / "clients" / f"client-{i}"),
+            "cut_ratio": args.cut_ratio,
+            "exit_when_done": True,
+            "threads": 1,
+            "image": {"channels": 1, "size": size},
+            "data": {
+                "source": args.data,
+                "partition": "classes",
+                "num_clients": args.clients,
+                "client_index": i,
+                "limit": args.images_per_client,
+            },
+            "model": _unet(args.client_width, 2, attention=False),
+            "train": {"steps": args.client_steps, "batch_size": args.batch_size, "lr": 2e-3},
+        }
+        path = out / "clients" / f"client-{i}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_toml(cfg))
+        clients.append(path)
+    return server_path, clients
+
+
+def _wait_for_address(server: Proc, data_dir: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    info = data_dir / "server.json"
+    while time.monotonic() < deadline:
+        _check_alive([server], set())
+        if info.exists():
+            data = json.loads(info.read_text())
+            if data.get("pid") == server.popen.pid:
+                return str(data["address"])
+        time.sleep(0.2)
+    raise DemoFailed(f"the server did not start within {timeout:.0f}s:\n{_tail(server.log)}")
+
+
+def _client_status(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((path / "status.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+def _progress_line(
+    status: ServerStatus | None, max_steps: int, clients: list[dict[str, Any]]
+) -> str:
+    srv = (
+        f"server step {status.train_step}/{max_steps} loss {status.last_loss:.3f}"
+        if status
+        else "server starting"
+    )
+    parts = [
+        f"{c.get('client_id', '?')}: {c.get('phase', 'starting')} "
+        f"up {c.get('uploaded', 0)}/{c.get('images', 0)} "
+        f"train {c.get('train_step', 0)}/{c.get('train_steps', 0)}"
+        for c in clients
+    ]
+    return f"[{time.strftime('%H:%M:%S')}] {srv} | " + " | ".join(parts)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The whole demo; exit code 0 on success."""
+    from collafuse.client.synth import SynthesisResult, synthesize, write_images
+
+    if args.clients < 1:
+        raise ValueError("--clients must be at least 1")
+    out: Path = args.out
+    if (out / "server").exists() or (out / "clients").exists():
+        raise ValueError(f"{out} holds an earlier demo; choose another --out or remove it")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    server_toml, client_tomls = write_configs(args, out)
+    server_cfg = load_config(ServerConfig, server_toml)
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    procs: list[Proc] = []
+    print(f"CollaFuse demo: 1 server + {args.clients} clients on loopback; output in {out}")
+    try:
+        server = _spawn("server", ["server", "--config", str(server_toml)], out / "logs")
+        procs.append(server)
+        address = _wait_for_address(server, server_cfg.data_dir, 120)
+        times["server_start_s"] = time.monotonic() - t0
+        print(f"server listening on {address} (log: {server.log})")
+        for i, path in enumerate(client_tomls):
+            procs.append(
+                _spawn(
+                    f"client-{i}",
+                    ["client", "run", "--config", str(path), "--set", f"server={address!r}"],
+                    out / "logs",
+                )
+            )
+        remote = Remote(open_channel(address, insecure=True))
+        client_dirs = [out / "clients" / f"client-{i}" for i in range(args.clients)]
+        status: ServerStatus | None = None
+        last_print = 0.0
+        clients_done_at: float | None = None
+        deadline = time.monotonic() + args.timeout
+        while True:
+            _check_alive(procs, allow_exit_zero={p.name for p in procs[1:]})
+            states = [_client_status(d) for d in client_dirs]
+            try:
+                status = remote.status(timeout=5)
+            except Exception:
+                status = None
+            if time.monotonic() - last_print > 5:
+                print(_progress_line(status, args.server_steps, states), flush=True)
+                last_print = time.monotonic()
+            all_done = all(s.get("phase") == "done" for s in states) and all(
+                p.popen.poll() == 0 for p in procs[1:]
+            )
+            if all_done and clients_done_at is None:
+                clients_done_at = time.monotonic() - t0
+            if all_done and status is not None and status.model_version >= args.server_steps:
+                break
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"the demo did not finish within {args.timeout:.0f}s")
+            time.sleep(1.0)
+        times["training_s"] = time.monotonic() - t0 - times["server_start_s"]
+        times["clients_done_s"] = clients_done_at or 0.0
+        print(_progress_line(status, args.server_steps, states), flush=True)
+
+        print(f"synthesizing {args.samples} images for each client (batched on the server)")
+        started = time.monotonic()
+        configs = [load_config(ClientConfig, p, [f"server={address!r}"]) for p in client_tomls]
+        results: dict[str, SynthesisResult] = {}
+        errors: list[str] = []
+
+        def one(cfg: ClientConfig, seed: int) -> None:
+            try:
+                results[cfg.client_id] = synthesize(cfg, args.samples, seed=seed)
+            except Exception as exc:
+                errors.append(f"{cfg.client_id}: {exc}")
+
+        threads = [threading.Thread(target=one, args=(c, i)) for i, c in enumerate(configs)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise DemoFailed("synthesis failed: " + "; ".join(errors))
+        times["synthesis_s"] = time.monotonic() - started
+        grids = {}
+        for cid, res in results.items():
+            grids[cid] = write_images(res, out / "samples" / cid)
+        final_status = remote.status(timeout=10)
+        remote.close()
+        server.popen.send_signal(signal.SIGTERM)
+        server.popen.wait(timeout=60)
+        times["total_s"] = time.monotonic() - t0
+        summary = build_summary(args, out, final_status, states, results, grids, times)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(summary_markdown(summary))
+        print(summary_markdown(summary))
+        print(f"grids: {', '.join(str(g) for g in grids.values())}")
+        return 0
+    finally:
+        for p in procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+
+
+def build_summary(
+    args: argparse.Namespace,
+    out: Path,
+    status: ServerStatus,
+    states: list[dict[str, Any]],
+    results: dict[str, Any],
+    grids: dict[str, Path],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """Everything the demo measured, as plain data."""
+    clients = []
+    for i, st in enumerate(states):
+        cid = st["client_id"]
+        cfg = tomllib.loads((out / "clients" / f"client-{i}.toml").read_text())
+        ledger = Ledger(out / "clients" / cid / "ledger.sqlite")
+        summary = ledger.summary()
+        ledger.close()
+        classes = (
+            [c for c in range(10) if c % args.clients == i] if args.data == "fashion-mnist" else []
+        )
+        res = results[cid]
+        clients.append(
+            {
+                "client_id": cid,
+                "classes": [FASHION_CLASSES[c] for c in classes],
+                "images": st["images"],
+                "cut_ratio": cfg["cut_ratio"],
+                "t_cut": st["t_cut"],
+                "images_released": summary.images_released,
+                "bytes_uploaded": summary.bytes_released,
+                "upload_s": round(st["upload_seconds"], 2),
+                "local_train_s": round(st["train_seconds"], 2),
+                "local_steps": st["train_step"],
+                "final_local_loss": round(st["last_loss"], 4),
+                "model_parameters": st["model_parameters"],
+                "synthesis_server_s": round(res.server_seconds, 2),
+                "synthesis_client_s": round(res.client_seconds, 2),
+                "grid": str(grids[cid]),
+            }
+        )
+    return {
+        "clients": clients,
+        "server": {
+            "model_version": status.model_version,
+            "train_step": status.train_step,
+            "final_loss": round(status.last_loss, 4),
+            "model_parameters": status.model_parameters,
+            "device": status.device,
+            "pool": {p.client_id: p.num_images for p in status.pools},
+            "T": status.schedule.config.num_timesteps,
+        },
+        "times_s": {k: round(v, 1) for k, v in times.items()},
+    }
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """The summary as a Markdown report."""
+    srv = s["server"]
+    lines = [
+        "# CollaFuse demo summary",
+        "",
+        f"Server: {srv['model_parameters']:,} parameters on {srv['device']}, T={srv['T']}, "
+        f"{srv['train_step']} training steps, model version {srv['model_version']}, "
+        f"final bridge loss {srv['final_loss']}.",
+        "",
+        "| client | classes | images | t_cut | released | bytes uploaded | upload s | local steps"
+        " | local train s | local loss | params | synth server s | synth client s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in s["clients"]:
+        lines.append(
+            f"| {c['client_id']} | {', '.join(c['classes'])} | {c['images']} | {c['t_cut']} | "
+            f"{c['images_released']} | {c['bytes_uploaded']:,} | {c['upload_s']} | "
+            f"{c['local_steps']} | {c['local_train_s']} | {c['final_local_loss']} | "
+            f"{c['model_parameters']:,} | {c['synthesis_server_s']} | {c['synthesis_client_s']} |"
+        )
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in s["times_s"].items()), ""]
+    lines += [f"![{c['client_id']}]({Path(c['grid']).name})" for c in s["clients"]]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Client-side synthesis: the server runs T..t_cut, this client finishes t_cut..0 with its model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from collafuse.client.daemon import state_paths
+from collafuse.client.remote import Remote, open_channel
+from collafuse.client.trainer import load_client_model
+from collafuse.common.config import ClientConfig, ScheduleConfig
+from collafuse.common.diffusion import Diffusion, SamplerKind
+from collafuse.common.domain import SynthesisRequest
+from collafuse.common.images import save_grid, save_pngs
+from collafuse.common.nets import UNetDenoiser
+
+log = logging.getLogger("collafuse.client.synth")
+
+
+class SynthesisError(RuntimeError):
+    """The server's answer broke the protocol (wrong timestep, count or shape)."""
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    """Images and what it took to make them."""
+
+    images: Tensor  # (n, C, H, W) in [-1, 1]
+    t_cut: int
+    model_version: int
+    server_seconds: float
+    client_seconds: float
+
+
+def receive_cut_samples(
+    remote: Remote, req: SynthesisRequest, t_cut: int, shape: tuple[int, ...]
+) -> tuple[Tensor, int]:
+    """Collect the streamed x_{t_cut}, checking every chunk's timestep, offset and shape."""
+    parts: list[Tensor] = []
+    got = 0
+    version = 0
+    for chunk in remote.synthesize(req):
+        if chunk.timestep != t_cut:
+            raise SynthesisError(
+                f"server sent timestep {chunk.timestep}, this client's t_cut is {t_cut}"
+            )
+        if chunk.offset != got or chunk.total != req.n or tuple(chunk.samples.shape[1:]) != shape:
+            raise SynthesisError("server sent chunks out of order or of the wrong shape")
+        parts.append(chunk.samples)
+        got += chunk.samples.shape[0]
+        version = chunk.model_version
+    if got != req.n:
+        raise SynthesisError(f"server sent {got} samples, {req.n} were asked for")
+    return torch.cat(parts), version
+
+
+def synthesize(
+    config: ClientConfig,
+    n: int,
+    seed: int = 0,
+    sampler: SamplerKind | None = None,
+    server_steps: int | None = None,
+    client_steps: int | None = None,
+    mixture: bool | None = None,
+) -> SynthesisResult:
+    """Ask the server for x_{t_cut} and finish the chain locally."""
+    s = config.synth
+    kind = sampler or s.sampler
+    model, state = load_client_model(state_paths(config)["checkpoint"], config)
+    schedule = ScheduleConfig.model_validate(state["schedule"])
+    diffusion = Diffusion.from_config(schedule)
+    t_cut = int(state["t_cut"])
+    req = SynthesisRequest(
+        client_id=config.client_id,
+        n=n,
+        seed=seed,
+        sampler=kind,
+        num_steps=s.server_steps if server_steps is None else server_steps,
+        eta=s.eta,
+        mixture=s.mixture if mixture is None else mixture,
+    )
+    remote = Remote(open_channel(config.server, config.insecure, config.tls_ca))
+    try:
+        started = time.perf_counter()
+        x_cut, version = receive_cut_samples(remote, req, t_cut, config.image.shape)
+        server_seconds = time.perf_counter() - started
+    finally:
+        remote.close()
+    started = time.perf_counter()
+    steps = diffusion.timesteps(t_cut, 0, s.client_steps if client_steps is None else client_steps)
+    # The client's noise comes from its own seed stream, independent of the server's.
+    gen = torch.Generator().manual_seed(seed + 0x5EED)
+    with torch.inference_mode():
+        images = diffusion.sample_loop(UNetDenoiser(model), x_cut, steps, kind, s.eta, gen)
+    return SynthesisResult(images, t_cut, version, server_seconds, time.perf_counter() - started)
+
+
+def write_images(result: SynthesisResult, out_dir: Path) -> Path:
+    """One PNG per image plus grid.png; returns the grid's path."""
+    save_pngs(result.images, out_dir)
+    return save_grid(result.images, out_dir / "grid.png", scale=2)

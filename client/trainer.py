@@ -1,0 +1,131 @@
+"""The client's local trainer: a small denoiser on its own images, for timesteps 1..t_cut only."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from collafuse.common.checkpoint import load_checkpoint, save_atomic
+from collafuse.common.config import ClientConfig, ScheduleConfig, config_record
+from collafuse.common.diffusion import Diffusion, TimestepSampler
+from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, ema_update
+
+log = logging.getLogger("collafuse.client.trainer")
+
+
+class LocalTrainer:
+    """Trains with the eps loss on t in (0, t_cut]; resumes from its atomic checkpoint."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        schedule: ScheduleConfig,
+        t_cut: int,
+        checkpoint_path: Path,
+    ) -> None:
+        self.config = config
+        self.schedule = schedule
+        self.diffusion = Diffusion.from_config(schedule)
+        self.t_cut = t_cut
+        self.checkpoint_path = checkpoint_path
+        self.model = build_unet(config.model, config.image)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
+        self.step = 0
+        self.last_loss = math.nan
+        self.seconds = 0.0
+        self.num_parameters = count_parameters(self.model)
+        self.timesteps = TimestepSampler(self.diffusion.num_timesteps)
+        state = load_checkpoint(checkpoint_path)
+        if state is not None:
+            self._resume(state)
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        if state["schedule_hash"] != self.diffusion.hash or state["t_cut"] != self.t_cut:
+            raise ValueError(
+                f"client checkpoint {self.checkpoint_path} was trained for t_cut={state['t_cut']} "
+                f"on another schedule or cut; remove it to retrain for t_cut={self.t_cut}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.last_loss = float(state["last_loss"])
+        self.seconds = float(state.get("seconds", 0.0))
+        log.info("resumed local model at step %d", self.step)
+
+    def save(self) -> None:
+        """Atomic checkpoint with the schedule, the cut and the config."""
+        save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "last_loss": self.last_loss,
+                "seconds": self.seconds,
+                "t_cut": self.t_cut,
+                "schedule": self.schedule.model_dump(mode="json"),
+                "schedule_hash": self.diffusion.hash,
+                "record": config_record(self.config),
+            },
+            self.checkpoint_path,
+        )
+
+    def train_step(self, images: Tensor) -> float:
+        """One AdamW step of the eps loss on a random batch, t uniform in (0, t_cut]."""
+        cfg = self.config.train
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
+        x0 = images[idx]  # (B, C, H, W)
+        t = self.timesteps.sample(torch.zeros(len(idx), dtype=torch.long), self.t_cut, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        self.model.train()
+        out = self.diffusion.eps_loss(UNetDenoiser(self.model), x0, t, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        ema_update(self.ema, self.model, cfg.ema_decay)
+        self.step += 1
+        self.last_loss = float(out.loss.detach())
+        return self.last_loss
+
+    def train(
+        self,
+        images: Tensor,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """Train up to config.train.steps in total, checkpointing as it goes."""
+        cfg = self.config.train
+        while self.step < cfg.steps and not should_stop():
+            started = time.perf_counter()
+            loss = self.train_step(images)
+            self.seconds += time.perf_counter() - started
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+            if progress is not None:
+                progress(self.step, loss)
+
+
+def load_client_model(
+    checkpoint_path: Path, config: ClientConfig
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The EMA weights of a trained client model and its checkpoint record."""
+    state = load_checkpoint(checkpoint_path)
+    if state is None:
+        raise FileNotFoundError(
+            f"no client checkpoint at {checkpoint_path}; run `collafuse client run` first"
+        )
+    model = build_unet(config.model, config.image)
+    model.load_state_dict(state["ema"])
+    return model.eval().requires_grad_(False), state

@@ -1,0 +1,55 @@
+"""The `collafuse` command: dispatches to the server, client and demo subcommands.
+
+Exit codes: 0 success, 1 runtime failure (the message says what failed), 2 bad usage or
+configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from collafuse import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    from collafuse.client import cli as client_cli
+    from collafuse.server import cli as server_cli
+
+    parser = argparse.ArgumentParser(prog="collafuse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"collafuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server_cli.add_commands(sub)
+    client_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    from collafuse.common.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"collafuse: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"collafuse: error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The server's sampler: runs T..t_cut, batching concurrent requests into one network call a step.
+
+Every sample carries its own timestep pair and its own noise generator, so requests from
+clients with different cuts, samplers and step counts share each forward pass, and a sample's
+result does not depend on what else was in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from collafuse.common.diffusion import Diffusion, SamplerKind
+from collafuse.server.trainer import ModelHub
+
+log = logging.getLogger("collafuse.server.sampler")
+
+
+def sample_generators(seed: int, n: int) -> list[torch.Generator]:
+    """One generator per sample, derived from the request seed and the sample's index."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63)) for i in range(n)]
+
+
+class _Precomputed:
+    """A denoiser that returns eps already computed by the batched forward pass."""
+
+    def __init__(self, eps: Tensor) -> None:
+        self.eps = eps
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.eps
+
+
+@dataclass(eq=False)
+class Job:
+    """A slice of one request: samples moving together down their own timestep list."""
+
+    x: Tensor  # (n, C, H, W) current state
+    timesteps: list[int]
+    kind: SamplerKind
+    eta: float
+    labels: Tensor  # (n,) int64
+    generators: list[torch.Generator]
+    pos: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    cancelled: bool = False
+    model_version: int = 0
+
+    @property
+    def n(self) -> int:
+        """Samples in this job."""
+        return int(self.x.shape[0])
+
+    def noise(self) -> Tensor:
+        """Fresh N(0, I) for each sample from its own generator, shape like x."""
+        shape = self.x.shape[1:]
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+
+class BatchingSampler:
+    """A worker thread that steps every active job together, up to max_batch samples a call."""
+
+    def __init__(
+        self, diffusion: Diffusion, hub: ModelHub, max_batch: int, device: torch.device
+    ) -> None:
+        self.diffusion = diffusion
+        self.hub = hub
+        self.max_batch = max_batch
+        self.device = device
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self.forward_calls = 0
+        self.samples_stepped = 0
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker; pending jobs fail."""
+        self._stop.set()
+        self._thread.join()
+
+    def submit(
+        self,
+        n: int,
+        seed: int,
+        timesteps: Sequence[int],
+        kind: SamplerKind,
+        eta: float,
+        label: int,
+        shape: tuple[int, int, int],
+    ) -> list[Job]:
+        """Queue n samples from x_T ~ N(0, I); returns the jobs (slices of at most max_batch)."""
+        gens = sample_generators(seed, n)
+        jobs = []
+        for lo in range(0, n, self.max_batch):
+            g = gens[lo : lo + self.max_batch]
+            x = torch.stack([torch.randn(shape, generator=gi) for gi in g])
+            job = Job(
+                x=x,
+                timesteps=list(timesteps),
+                kind=kind,
+                eta=eta,
+                labels=torch.full((len(g),), label, dtype=torch.long),
+                generators=g,
+            )
+            jobs.append(job)
+            self._queue.put(job)
+        return jobs
+
+    def _run(self) -> None:
+        active: list[Job] = []
+        while not self._stop.is_set():
+            try:
+                # Block only when idle; otherwise just pick up what has arrived.
+                while True:
+                    active.append(self._queue.get(timeout=0.1 if not active else 0.0))
+            except queue.Empty:
+                pass
+            active = [j for j in active if not j.cancelled]
+            if not active:
+                continue
+            batch: list[Job] = []
+            room = self.max_batch
+            for job in active:
+                if job.n <= room:
+                    batch.append(job)
+                    room -= job.n
+            try:
+                self._step(batch)
+            except Exception as exc:  # fail these requests, keep serving others
+                log.exception("sampler step failed")
+                for job in batch:
+                    job.error = exc
+                    job.done.set()
+            finished = [j for j in batch if j.done.is_set()]
+            active = [j for j in active if j not in finished]
+        for job in active:
+            job.error = RuntimeError("server is shutting down")
+            job.done.set()
+
+    def _step(self, batch: list[Job]) -> None:
+        """One network call for every job in the batch, then each job's own update."""
+        x = torch.cat([j.x for j in batch]).to(self.device)  # (B, C, H, W)
+        t = torch.cat([torch.full((j.n,), j.timesteps[j.pos], dtype=torch.long) for j in batch])
+        s = torch.cat([torch.full((j.n,), j.timesteps[j.pos + 1], dtype=torch.long) for j in batch])
+        labels = torch.cat([j.labels for j in batch]).to(self.device)
+        noise = torch.cat([j.noise() for j in batch]).to(self.device)
+        with self.hub.lock, torch.inference_mode():
+            eps = self.hub.model(x, t.to(self.device), class_labels=labels).sample.float()
+            version = self.hub.version
+        self.forward_calls += 1
+        self.samples_stepped += x.shape[0]
+        offset = 0
+        for job in batch:
+            sl = slice(offset, offset + job.n)
+            offset += job.n
+            out = self.diffusion.step(
+                _Precomputed(eps[sl]),
+                x[sl],
+                t[sl],
+                s[sl],
+                kind=job.kind,
+                eta=job.eta,
+                noise=noise[sl],
+            )
+            job.x = out.prev_sample.cpu()
+            job.pos += 1
+            job.model_version = version
+            if job.pos == len(job.timesteps) - 1:
+                job.done.set()
