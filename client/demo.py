@@ -36,8 +36,8 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a server and N clients on loopback, end to end")
     p.add_argument("--clients", type=int, default=3, help="number of client processes")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
-    p.add_argument("--server-steps", type=int, default=1500, help="server training steps")
-    p.add_argument("--client-steps", type=int, default=1500, help="local steps per client")
+    p.add_argument("--server-steps", type=int, default=800, help="server training steps")
+    p.add_argument("--client-steps", type=int, default=500, help="local steps per client")
     p.add_argument("--images-per-client", type=int, default=3000, help="0 = the whole share")
     p.add_argument("--timesteps", type=int, default=1000, help="T")
     p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
@@ -123,10 +123,10 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]
         "listen": "127.0.0.1:0",
         "data_dir": str(out / "server"),
         "insecure": True,
-        "threads": 1,
+        "threads": 2,
         "schedule": {"num_timesteps": args.timesteps},
         "image": {"channels": 1, "size": size},
-        "model": _unet(args.server_width, 3 if size >= 16 else 2, attention=True),
+        "model": _unet(args.server_width, 3 if size >= 16 else 2, attention=False),
         "train": {
             "batch_size": args.batch_size,
             "max_steps": args.server_steps,
