@@ -461,54 +461,44 @@ def test_ddim_step_matches_diffusers(
 
 @pytest.mark.parametrize(("kind", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
 def test_clipped_step_matches_diffusers(kind: str, eta: float) -> None:
-    """clip=True clamps x0_hat to [-1, 1] like clip_sample=True; for DDIM it then re-derives
-    eps from the clamped x0_hat, which is diffusers' use_clipped_model_output=True."""
+    """clip=True is clip_sample=True; for DDIM, eps is re-derived from the clamped x0_hat,
+    which is diffusers' use_clipped_model_output=True."""
     d = make_diffusion(T_DIFFUSERS)
     t = torch.tensor([100, 60, 30, 10])
     s = torch.tensor([90, 50, 20, 0])
     batch = Pairs(d, t, torch.float64, seed=21)
-    batch.eps_hat = batch.eps_hat + 0.5 * torch.randn(batch.eps_hat.shape, dtype=torch.float64)
+    g = torch.Generator().manual_seed(22)
+    batch.eps_hat = batch.eps_hat + torch.randn(
+        batch.eps_hat.shape, generator=g, dtype=torch.float64
+    )
     raw = d.step(batch.model, batch.x_t, t, s, kind, eta=eta, clip=False).x0_hat
     assert float(raw.abs().max()) > 1.5  # the clamp has work to do
-    noise = torch.randn(batch.x_t.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    seeds = [2000 + i for i in range(len(t))]
+    noise = noise_like_diffusers(batch.x_t, seeds)
     out = d.step(batch.model, batch.x_t, t, s, kind, eta=eta, noise=noise, clip=True)
     assert float(out.x0_hat.abs().max()) <= 1.0
-    if kind == "ddpm":
-        sched = DDPMScheduler(
-            num_train_timesteps=T_DIFFUSERS, trained_betas=d.betas, clip_sample=True
-        )
-        sched.set_timesteps(timesteps=[int(k) - 1 for k in t])  # custom: prev of 99 is 59, ...
-    else:
-        sched = DDIMScheduler(
-            num_train_timesteps=T_DIFFUSERS, trained_betas=d.betas, clip_sample=True
-        )
-        sched.set_timesteps(10)
-    diffusers_schedule_in_float64(sched, d)
-    for i, k in enumerate((t - 1).tolist()):
-        z = noise[i : i + 1]
+    for i, (k, prev) in enumerate(zip((t - 1).tolist(), (s - 1).tolist(), strict=True)):
+        x_t, eps_hat = batch.x_t[i : i + 1], batch.eps_hat[i : i + 1]
         if kind == "ddpm":
-            # The custom list 99, 59, 29, 9 steps 99 -> 59 ...; compare only its last step 9 -> -1
-            # and the pairs whose previous index is ours.
-            prev = int(sched.previous_timestep(k))
-            if prev + 1 != max(int(s[i]), 0) and not (prev == -1 and int(s[i]) == 0):
-                continue
-            ref = sched.step(batch.eps_hat[i : i + 1], k, batch.x_t[i : i + 1], generator=None)
-            ref_prev = None  # the DDPM noise is drawn inside; compare x0 only
+            sched = ddpm_scheduler(d.betas)
+            sched.register_to_config(clip_sample=True)
+            sched.set_timesteps(timesteps=[k, prev] if prev >= 0 else [k])
+            diffusers_schedule_in_float64(sched, d)
+            ref = sched.step(eps_hat, k, x_t, generator=torch.Generator().manual_seed(seeds[i]))
         else:
+            sched = ddim_scheduler(d.betas)
+            sched.register_to_config(clip_sample=True)
+            sched.set_timesteps(10)  # prev = k - 10, as in t - s
+            diffusers_schedule_in_float64(sched, d)
+            z = noise[i : i + 1] if eta > 0 else None
             ref = sched.step(
-                batch.eps_hat[i : i + 1],
-                k,
-                batch.x_t[i : i + 1],
-                eta=eta,
-                use_clipped_model_output=True,
-                variance_noise=z if eta > 0 else None,
+                eps_hat, k, x_t, eta=eta, use_clipped_model_output=True, variance_noise=z
             )
-            ref_prev = ref.prev_sample
+        rows = slice(i, i + 1)
         torch.testing.assert_close(
-            out.x0_hat[i : i + 1], ref.pred_original_sample, rtol=1e-10, atol=1e-9
+            out.x0_hat[rows], ref.pred_original_sample, rtol=1e-10, atol=1e-9
         )
-        if ref_prev is not None:
-            torch.testing.assert_close(out.prev_sample[i : i + 1], ref_prev, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(out.prev_sample[rows], ref.prev_sample, rtol=1e-10, atol=1e-9)
 
 
 @pytest.mark.parametrize(("kind", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
