@@ -68,3 +68,11 @@ def test_client_model_is_small() -> None:
     server = count_parameters(build_unet(SERVER_UNET, image, num_class_embeds=17))
     client = count_parameters(build_unet(CLIENT_UNET, image))
     assert client <= 0.1 * server, (client, server)
+
+
+def test_example_configs_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    server = load_config(ServerConfig, root / "server.example.toml")
+    client = load_config(ClientConfig, root / "client.example.toml")
+    assert server.image == client.image
+    assert client.cut_ratio == 0.3 and server.policy.max_release_snr == 1.0
