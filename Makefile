@@ -29,7 +29,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client
+	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client -p collafuse.experiments
 	$(PY) -m pytest -m "not slow"
 
 test-all: setup
@@ -39,7 +39,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 typecheck: setup
-	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client
+	$(VENV)/bin/mypy -p collafuse.common -p collafuse.server -p collafuse.client -p collafuse.experiments
 
 # Regenerate the committed protobuf/gRPC modules and stubs from proto/.
 protos: $(STAMP)

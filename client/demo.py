@@ -123,7 +123,9 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]
         "listen": "127.0.0.1:0",
         "data_dir": str(out / "server"),
         "insecure": True,
-        "threads": 2,
+        # One thread per process: the server and the clients share the machine, and
+        # oversubscribed torch threads slow everyone down.
+        "threads": 1,
         "schedule": {"num_timesteps": args.timesteps},
         "image": {"channels": 1, "size": size},
         "model": _unet(args.server_width, 3 if size >= 16 else 2, attention=False),

@@ -74,7 +74,7 @@ class Trainer:
         self.timesteps = TimestepSampler(diffusion.num_timesteps)
         self._resume()
         self.hub = ModelHub(copy.deepcopy(self.ema), version=self.step)
-        self._cuts = torch.empty(0)
+        self._cuts = torch.empty(0, device=device)
         self._t_cut = torch.empty(0, dtype=torch.long)
         self._labels = torch.empty(0, dtype=torch.long)
         self._seq = 0
@@ -124,9 +124,8 @@ class Trainer:
         """Pull cut images that arrived since the last refresh; returns the pool size."""
         rows = self.pool.read_since(self._seq)
         if rows.cuts.numel():
-            self._cuts = torch.cat(
-                [self._cuts.reshape(-1, *rows.cuts.shape[1:]), rows.cuts.to(self.device)]
-            )
+            old = self._cuts.reshape(-1, *rows.cuts.shape[1:])
+            self._cuts = torch.cat([old, rows.cuts.to(self.device)])
             self._t_cut = torch.cat([self._t_cut, rows.t_cut])
             self._labels = torch.cat([self._labels, rows.client_index])
             self._seq = rows.last_seq

@@ -1,0 +1,1 @@
+"""Studies of the privacy / client-cost / quality trade-off (`collafuse experiment`)."""
