@@ -388,5 +388,5 @@ def summary_markdown(s: dict[str, Any]) -> str:
             f"{c['model_parameters']:,} | {c['synthesis_server_s']} | {c['synthesis_client_s']} |"
         )
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in s["times_s"].items()), ""]
-    lines += [f"![{c['client_id']}]({Path(c['grid']).name})" for c in s["clients"]]
+    lines += [f"![{c['client_id']}](samples/{c['client_id']}/grid.png)" for c in s["clients"]]
     return "\n".join(lines)

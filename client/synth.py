@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from collafuse.client.daemon import state_paths
 from collafuse.client.remote import Remote, open_channel
@@ -92,12 +92,27 @@ def synthesize(
     finally:
         remote.close()
     started = time.perf_counter()
-    steps = diffusion.timesteps(t_cut, 0, s.client_steps if client_steps is None else client_steps)
+    steps = s.client_steps if client_steps is None else client_steps
+    images = finish_chain(diffusion, model, x_cut, t_cut, steps, kind, s.eta, seed)
+    return SynthesisResult(images, t_cut, version, server_seconds, time.perf_counter() - started)
+
+
+def finish_chain(
+    diffusion: Diffusion,
+    model: nn.Module,
+    x_cut: Tensor,
+    t_cut: int,
+    num_steps: int,
+    kind: SamplerKind,
+    eta: float,
+    seed: int,
+) -> Tensor:
+    """The client's half of the chain: from x_{t_cut} down to an image with its own model."""
+    steps = diffusion.timesteps(t_cut, 0, num_steps)
     # The client's noise comes from its own seed stream, independent of the server's.
     gen = torch.Generator().manual_seed(seed + 0x5EED)
     with torch.inference_mode():
-        images = diffusion.sample_loop(UNetDenoiser(model), x_cut, steps, kind, s.eta, gen)
-    return SynthesisResult(images, t_cut, version, server_seconds, time.perf_counter() - started)
+        return diffusion.sample_loop(UNetDenoiser(model), x_cut, steps, kind, eta, gen)
 
 
 def write_images(result: SynthesisResult, out_dir: Path) -> Path:

@@ -22,7 +22,11 @@ log = logging.getLogger("collafuse.client.trainer")
 
 
 class LocalTrainer:
-    """Trains with the eps loss on t in (0, t_cut]; resumes from its atomic checkpoint."""
+    """Trains with the eps loss on t in (t_floor, t_cut]; resumes from its atomic checkpoint.
+
+    A client uses t_floor = 0. Studies reuse it for full-chain baselines (t_cut = T), optionally
+    conditioned on a label per image (num_class_embeds).
+    """
 
     def __init__(
         self,
@@ -30,13 +34,16 @@ class LocalTrainer:
         schedule: ScheduleConfig,
         t_cut: int,
         checkpoint_path: Path,
+        num_class_embeds: int | None = None,
+        t_floor: int = 0,
     ) -> None:
         self.config = config
         self.schedule = schedule
         self.diffusion = Diffusion.from_config(schedule)
         self.t_cut = t_cut
+        self.t_floor = t_floor
         self.checkpoint_path = checkpoint_path
-        self.model = build_unet(config.model, config.image)
+        self.model = build_unet(config.model, config.image, num_class_embeds)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
         self.step = 0
@@ -50,6 +57,7 @@ class LocalTrainer:
 
     def _resume(self, state: dict[str, Any]) -> None:
         if state["schedule_hash"] != self.diffusion.hash or state["t_cut"] != self.t_cut:
+            # A model trained for another cut would hand over at the wrong noise level.
             raise ValueError(
                 f"client checkpoint {self.checkpoint_path} was trained for t_cut={state['t_cut']} "
                 f"on another schedule or cut; remove it to retrain for t_cut={self.t_cut}"
@@ -80,16 +88,18 @@ class LocalTrainer:
             self.checkpoint_path,
         )
 
-    def train_step(self, images: Tensor) -> float:
-        """One AdamW step of the eps loss on a random batch, t uniform in (0, t_cut]."""
+    def train_step(self, images: Tensor, labels: Tensor | None = None) -> float:
+        """One AdamW step of the eps loss on a random batch, t uniform in (t_floor, t_cut]."""
         cfg = self.config.train
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         x0 = images[idx]  # (B, C, H, W)
-        t = self.timesteps.sample(torch.zeros(len(idx), dtype=torch.long), self.t_cut, gen)
+        floor = torch.full((len(idx),), self.t_floor, dtype=torch.long)
+        t = self.timesteps.sample(floor, self.t_cut, gen)
         noise = torch.randn(x0.shape, generator=gen)
         self.model.train()
-        out = self.diffusion.eps_loss(UNetDenoiser(self.model), x0, t, noise)
+        cond = None if labels is None else labels[idx]
+        out = self.diffusion.eps_loss(UNetDenoiser(self.model, cond), x0, t, noise)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -104,12 +114,13 @@ class LocalTrainer:
         images: Tensor,
         should_stop: Callable[[], bool] = lambda: False,
         progress: Callable[[int, float], None] | None = None,
+        labels: Tensor | None = None,
     ) -> None:
         """Train up to config.train.steps in total, checkpointing as it goes."""
         cfg = self.config.train
         while self.step < cfg.steps and not should_stop():
             started = time.perf_counter()
-            loss = self.train_step(images)
+            loss = self.train_step(images, labels)
             self.seconds += time.perf_counter() - started
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()

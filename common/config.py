@@ -35,6 +35,12 @@ class ScheduleConfig(_Frozen):
     def _ordered(self) -> ScheduleConfig:
         if self.beta_end <= self.beta_start:
             raise ValueError("beta_end must be larger than beta_start")
+        scaled_end = self.beta_end * 1000 / self.num_timesteps
+        if self.beta_schedule == "linear" and scaled_end >= 1:
+            raise ValueError(
+                f"the linear schedule rescaled to T={self.num_timesteps} reaches beta "
+                f"{scaled_end:.3g} >= 1; use more timesteps or a smaller beta_end"
+            )
         return self
 
 
@@ -168,10 +174,15 @@ class ServerConfig(_Frozen):
 class DataConfig(_Frozen):
     """Where a client's images come from and which share of them it holds."""
 
-    source: Literal["fashion-mnist", "digits", "folder"] = "fashion-mnist"
-    """fashion-mnist (Debian package files), digits (scikit-learn) or a folder of images."""
+    source: Literal["fashion-mnist", "digits", "folder", "cifar10", "celeba", "awa2"] = (
+        "fashion-mnist"
+    )
+    """fashion-mnist (Debian package files), digits (scikit-learn), a folder of images, or
+    CIFAR-10, CelebA or AwA2 read from path in the data set's own layout."""
     path: Path | None = None
-    """Directory of the data: the IDX files for fashion-mnist, the images for folder."""
+    """Directory of the data: the IDX files for fashion-mnist, the images for folder;
+    cifar-10-batches-py (or its parent) for cifar10; the folder holding img_align_celeba/ and
+    list_attr_celeba.txt for celeba; Animals_with_Attributes2 (or its parent) for awa2."""
     partition: Literal["iid", "classes", "dirichlet"] = "classes"
     """How the data set is split across clients."""
     num_clients: int = Field(default=1, ge=1)
@@ -186,11 +197,33 @@ class DataConfig(_Frozen):
     """Keep at most this many images (0 keeps all)."""
     seed: int = 0
     """Seed of the partition, shared by all clients of one federation."""
+    split_attributes: tuple[str, ...] | None = None
+    """For celeba: attributes that make the classes, e.g. ["Black_Hair", "Blond_Hair",
+    "Brown_Hair", "Gray_Hair"]. An image's class is the first listed attribute it has; images
+    with none are dropped. With partition=classes each client holds one attribute, client i
+    the images of split_attributes[i], as in the CollaFuse paper. Unset, the labels are those
+    four hair colours (-1 for none) and the partition must be iid or dirichlet."""
 
     @model_validator(mode="after")
     def _index(self) -> DataConfig:
         if self.client_index >= self.num_clients:
             raise ValueError(f"client_index {self.client_index} >= num_clients {self.num_clients}")
+        return self
+
+    @model_validator(mode="after")
+    def _attributes(self) -> DataConfig:
+        names = self.split_attributes
+        if names is None:
+            return self
+        if self.source != "celeba":
+            raise ValueError(f"split_attributes applies to source celeba, not {self.source}")
+        if not names or len(set(names)) != len(names):
+            raise ValueError("split_attributes must name at least one attribute, each once")
+        if self.partition == "classes" and self.classes is None and len(names) != self.num_clients:
+            raise ValueError(
+                f"split_attributes names {len(names)} attributes for {self.num_clients} clients; "
+                "with partition=classes each client holds the images of one attribute"
+            )
         return self
 
 

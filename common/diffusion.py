@@ -193,8 +193,8 @@ class Diffusion:
         """The server's loss on cut images alone: regress x_c through q(x_c | x_t, x_0).
 
         loss = w ||a x0_hat(x_t, t) + b x_t - x_c||^2, minimised by x0_hat = E[x_0 | x_t].
-        Its expectation is (SNR_c - SNR_t) ||x0_hat - x_0||^2 / var + 1 per pixel; we weight in
-        x_c space with w = min(1, gamma / lam) / var, lam = SNR_c / SNR_t - 1, which is the
+        Per pixel, E||a x0_hat + b x_t - x_c||^2 / var = (SNR_c - SNR_t) E||x0_hat - x_0||^2 + 1;
+        we weight in x_c space with w = min(1, gamma / lam) / var, lam = SNR_c / SNR_t - 1, the
         eps-MSE weight lam bounded by gamma (min-SNR style). Near t = c, a -> 0 and the step
         barely depends on x0_hat, and the weight fades with it. The bridge noise alone
         contributes min(1, gamma / lam) per pixel, so the loss never reaches 0.
@@ -230,12 +230,12 @@ class Diffusion:
         ddim: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
         sigma = eta * sqrt(var) (Song et al. 2021).
         """
+        br = self.bridge(s, t, x_t)  # validates t and s before the model runs
         eps_hat = model(x_t, t)
         x0_hat = self.x0_from_eps(x_t, t, eps_hat)
         if clip:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps_hat = self.eps_from_x0(x_t, t, x0_hat)
-        br = self.bridge(s, t, x_t)
         if noise is None:
             noise = torch.randn_like(x_t)
         if kind == "ddpm":

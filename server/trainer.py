@@ -54,7 +54,7 @@ class Trainer:
         self,
         config: ServerConfig,
         diffusion: Diffusion,
-        pool: Pool,
+        pool: Pool | None,
         device: torch.device,
         checkpoint_path: Path,
     ) -> None:
@@ -122,14 +122,19 @@ class Trainer:
 
     def refresh(self) -> int:
         """Pull cut images that arrived since the last refresh; returns the pool size."""
-        rows = self.pool.read_since(self._seq)
-        if rows.cuts.numel():
-            old = self._cuts.reshape(-1, *rows.cuts.shape[1:])
-            self._cuts = torch.cat([old, rows.cuts.to(self.device)])
-            self._t_cut = torch.cat([self._t_cut, rows.t_cut])
-            self._labels = torch.cat([self._labels, rows.client_index])
-            self._seq = rows.last_seq
+        if self.pool is not None:
+            rows = self.pool.read_since(self._seq)
+            if rows.cuts.numel():
+                self.add_cuts(rows.cuts, rows.t_cut, rows.client_index)
+                self._seq = rows.last_seq
         return int(self._t_cut.numel())
+
+    def add_cuts(self, cuts: Tensor, t_cut: Tensor, client_index: Tensor) -> None:
+        """Add cut images (N, C, H, W) with their t_cut and client index, each (N,)."""
+        old = self._cuts.reshape(-1, *cuts.shape[1:])
+        self._cuts = torch.cat([old, cuts.to(self.device)])
+        self._t_cut = torch.cat([self._t_cut, t_cut.long()])
+        self._labels = torch.cat([self._labels, client_index.long()])
 
     # ----- training --------------------------------------------------------------------------
 
