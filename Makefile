@@ -11,8 +11,10 @@ DEMO_OUT ?= demo-out
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing CollaFuse and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
 	# torch==2.13.0 is pinned in pyproject.toml: the CPU build that lies on disk here.
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict \
+		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	touch $(STAMP)
 
 $(FMNIST):
@@ -21,7 +23,8 @@ $(FMNIST):
 
 setup: $(STAMP) $(FMNIST)
 	@# The strict editable install links each file; relink so new modules are importable.
-	@$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	@$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict \
+		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
 demo: setup
 	$(VENV)/bin/collafuse demo --clients 3 --out $(DEMO_OUT)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
+import io
+import pickle
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +57,38 @@ FASHION_MNIST_HINT = "install the Debian package dataset-fashion-mnist or set da
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 PARTITION_SCHEMES = ("iid", "classes", "dirichlet")
 
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CIFAR10_LAYOUT = (
+    "the folder cifar-10-batches-py (or its parent) as unpacked from cifar-10-python.tar.gz, "
+    "holding data_batch_1 ... data_batch_5, test_batch and batches.meta"
+)
+CELEBA_LAYOUT = (
+    "a folder holding img_align_celeba/ (000001.jpg ...) and list_attr_celeba.txt, optionally "
+    "list_eval_partition.txt (the Anno/, Img/ and Eval/ sub-folders of the official download "
+    "work too)"
+)
+# The hair colours: the attributes the CollaFuse paper splits CelebA by, and the labels when
+# data.split_attributes is unset.
+CELEBA_DEFAULT_ATTRIBUTES = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+CELEBA_SPLITS = {"train": 0, "val": 1, "test": 2}
+AWA2_DIR = "Animals_with_Attributes2"
+AWA2_LAYOUT = (
+    "the folder Animals_with_Attributes2 (or its parent) holding JPEGImages/<class>/*.jpg "
+    "and classes.txt"
+)
+
 # IDX type codes (third magic byte) and their big-endian numpy dtypes.
 _IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
@@ -67,6 +103,8 @@ _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _LUMA = (0.299, 0.587, 0.114)
 # Images converted per interpolate call: bounds the float copies of a large data set.
 _CHUNK = 4096
+# Image files decoded before each conversion: bounds the full-resolution copies held at once.
+_DECODE_CHUNK = 256
 
 
 # ----- file formats ------------------------------------------------------------------------
@@ -161,10 +199,43 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images.clip(0, 255).astype(np.uint8), np.asarray(bunch.target, dtype=np.int64)
 
 
-def _folder_id(relative: str) -> str:
+def _hashed_id(prefix: str, relative: str) -> str:
     # A digest of the relative path: stable when the folder moves or grows, unique in practice
     # (checked), and it does not reveal file names, which may be personal, to the server.
-    return "folder-" + hashlib.sha256(relative.encode("utf-8")).hexdigest()[:20]
+    return f"{prefix}-" + hashlib.sha256(relative.encode("utf-8")).hexdigest()[:20]
+
+
+def _folder_id(relative: str) -> str:
+    return _hashed_id("folder", relative)
+
+
+def _unique_ids(ids: list[str], where: Path) -> list[str]:
+    if len(set(ids)) != len(ids):
+        raise DataError(f"image ids collide under {where}; rename one of the files")
+    return ids
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    """One image file as an (H, W, channels) uint8 array, converted by Pillow."""
+    try:
+        with Image.open(path) as im:
+            array = np.array(im.convert(_PIL_MODES[channels]), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    return array.reshape(array.shape[0], array.shape[1], channels)
+
+
+def decode_images(paths: Sequence[Path], image: ImageConfig) -> Tensor:
+    """Decode image files into (N, C, size, size) float32 in [-1, 1], as to_model_range does.
+
+    Files are decoded a chunk at a time, so memory holds the converted images plus one chunk
+    at full resolution, not the whole list at full resolution.
+    """
+    out = torch.empty((len(paths), *image.shape), dtype=torch.float32)  # (N, C, S, S)
+    for start in range(0, len(paths), _DECODE_CHUNK):
+        arrays = [_read_image(p, image.channels) for p in paths[start : start + _DECODE_CHUNK]]
+        out[start : start + len(arrays)] = to_model_range(arrays, image)
+    return out
 
 
 def load_folder(path: Path, channels: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
@@ -190,24 +261,357 @@ def load_folder(path: Path, channels: int) -> tuple[list[np.ndarray], np.ndarray
     files = [p for p in files if not any(part.startswith(".") for part in p.parts)]
     if not files:
         raise DataError(f"no PNG or JPEG images found under {path}")
-    images: list[np.ndarray] = []
-    for rel in files:
-        try:
-            with Image.open(path / rel) as im:
-                array = np.array(im.convert(_PIL_MODES[channels]), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path / rel}: {exc}") from None
-        images.append(array.reshape(array.shape[0], array.shape[1], channels))
+    images = [_read_image(path / rel, channels) for rel in files]
     if all(len(rel.parts) > 1 for rel in files):
         names = sorted({rel.parts[0] for rel in files})
         index = {name: k for k, name in enumerate(names)}
         labels = np.array([index[rel.parts[0]] for rel in files], dtype=np.int64)
     else:
         labels = np.full(len(files), -1, dtype=np.int64)
-    ids = [_folder_id(rel.as_posix()) for rel in files]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"image ids collide under {path}; rename one of the files")
+    ids = _unique_ids([_folder_id(rel.as_posix()) for rel in files], path)
     return images, labels, ids
+
+
+# ----- CIFAR-10, CelebA, AwA2 in their own layouts -----------------------------------------
+
+
+def _numpy_reconstruct() -> Callable[..., Any]:
+    try:  # numpy >= 1.26 (and the name numpy 2 writes)
+        module = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # pragma: no cover - older numpy
+        module = importlib.import_module("numpy.core.multiarray")
+    reconstruct: Callable[..., Any] = module._reconstruct
+    return reconstruct
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle names a callable outside the allowed numpy reconstruction."""
+
+
+def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Python 3 writes bytes at pickle protocol 2 as _codecs.encode(text, "latin1"); nothing
+    # else is let through, so the codec machinery stays out of reach of the file.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _ForbiddenGlobal("_codecs.encode is allowed only as latin-1 bytes")
+    return text.encode("latin-1")
+
+
+# The only globals a CIFAR-10 batch may name: numpy's array reconstruction (under its numpy 1
+# name, which the official files use, and its numpy 2 name) and protocol-2 bytes. Any other
+# global, os.system included, makes loading fail instead of running.
+_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str, /) -> Any:
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(
+                f"the pickle names the global {module}.{name}; only numpy arrays are allowed"
+            ) from None
+
+
+def read_numpy_pickle(path: Path) -> object:
+    """Unpickle a file that may hold only plain containers, strings, numbers and numpy arrays.
+
+    The CIFAR-10 "python version" ships as pickles. pickle.load would run any callable the
+    file names; this unpickler refuses every global but numpy's array reconstruction, so a
+    tampered file fails with a DataError instead of running code. Python 2 strings come back
+    as bytes (encoding="bytes"), as the CIFAR-10 page prescribes.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"pickle file {path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"cannot read pickle file {path}: {exc}") from None
+    try:
+        return _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _ForbiddenGlobal as exc:
+        raise DataError(f"refusing to load {path}: {exc}") from None
+    except Exception as exc:  # a damaged pickle raises almost anything
+        raise DataError(f"{path} is not a readable pickle: {type(exc).__name__}: {exc}") from None
+
+
+def _cifar10_root(root: Path) -> Path:
+    for candidate in (root / CIFAR10_DIR, root):
+        if (candidate / "test_batch").is_file() or any(candidate.glob("data_batch_*")):
+            return candidate
+    raise DataError(f"no CIFAR-10 batches in {root}; data.path must be {CIFAR10_LAYOUT}")
+
+
+def _cifar10_field(batch: dict[Any, Any], key: str) -> Any:
+    for k in (key.encode(), key):  # bytes from Python 2 files, str from Python 3 rewrites
+        if k in batch:
+            return batch[k]
+    return None
+
+
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = read_numpy_pickle(path)
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR-10 batch dict")
+    data = _cifar10_field(batch, "data")
+    raw_labels = _cifar10_field(batch, "labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{path} has no uint8 N x 3072 array under b'data'")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path} holds rows of {data.shape[1]} bytes, not 3072 (3 x 32 x 32)")
+    try:
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path} has no list of integer labels under b'labels'") from None
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path} holds {data.shape[0]} images but labels of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise DataError(f"{path} holds labels outside 0..9")
+    return data, labels
+
+
+def load_cifar10(
+    root: Path, split: Literal["train", "test"] = "train"
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from its "python version" batches: images (N, 32, 32, 3) uint8 RGB, labels 0..9.
+
+    `root` is cifar-10-batches-py or its parent. The train split concatenates every
+    data_batch_<k> present, in order of k; test is test_batch. Each batch row holds the red,
+    then green, then blue 32 x 32 plane, row-major.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"CIFAR-10 has the splits 'train' and 'test', not {split!r}")
+    folder = _cifar10_root(Path(root))
+    if split == "train":
+        numbered = [p for p in folder.glob("data_batch_*") if p.name[11:].isdigit()]
+        files = sorted(numbered, key=lambda p: int(p.name[11:]))
+    else:
+        files = [folder / "test_batch"] if (folder / "test_batch").is_file() else []
+    if not files:
+        wanted = "data_batch_1 ... data_batch_5" if split == "train" else "test_batch"
+        raise DataError(f"{folder} has no {wanted}; data.path must be {CIFAR10_LAYOUT}")
+    batches = [_read_cifar10_batch(f) for f in files]
+    data = np.concatenate([b[0] for b in batches])  # (N, 3072)
+    labels = np.concatenate([b[1] for b in batches])
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # (N, 32, 32, 3)
+
+
+@dataclass(frozen=True)
+class CelebAAttributes:
+    """The table of list_attr_celeba.txt."""
+
+    names: tuple[str, ...]
+    """The attribute names of the header line, in file order."""
+    files: list[str]
+    """Image file names, one per row."""
+    values: np.ndarray
+    """(N, A) int8 of -1 (absent) and 1 (present)."""
+
+
+def _celeba_row_error(path: Path, lines: list[str], num_names: int) -> DataError:
+    """The error for the first row of list_attr_celeba.txt that does not fit the header."""
+    for number, line in enumerate(lines[2:], start=3):
+        parts = line.split()
+        if parts and len(parts) != num_names + 1:
+            return DataError(
+                f"{path} line {number} has {len(parts) - 1} values for {num_names} attributes"
+            )
+    return DataError(f"{path} holds attribute values other than -1 and 1")
+
+
+def read_celeba_attributes(path: Path) -> CelebAAttributes:
+    """Parse list_attr_celeba.txt: a count line, the attribute names, then one row per image.
+
+    Rows are a file name and one -1 or 1 per attribute, separated by any run of spaces.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; data.path must be {CELEBA_LAYOUT}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if len(lines) < 2 or not lines[0].strip().isdigit():
+        raise DataError(f"{path} does not start with the number of images and the attribute names")
+    count = int(lines[0])
+    names = tuple(lines[1].split())
+    pairs = [line.split(None, 1) for line in lines[2:] if line.strip()]
+    files = [pair[0] for pair in pairs]
+    if len(files) != count:
+        raise DataError(f"{path} announces {count} images but lists {len(files)}")
+    # One C-level parse of all values: splitting 200k rows into 8M Python strings takes seconds.
+    text = " ".join(pair[1] if len(pair) > 1 else "" for pair in pairs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # some numpy versions only warn on unparsed text
+            flat = np.fromstring(text, dtype=np.int64, sep=" ")
+    except (ValueError, DeprecationWarning):
+        flat = np.empty(0, dtype=np.int64)
+    if flat.size != len(files) * len(names):
+        raise _celeba_row_error(path, lines, len(names))
+    if not np.isin(flat, (-1, 1)).all():
+        raise DataError(f"{path} holds attribute values other than -1 and 1")
+    # Every value is now "-1" or "1", each with one "1", so counting them checks each row's length.
+    if any(len(pair) < 2 or pair[1].count("1") != len(names) for pair in pairs):
+        raise _celeba_row_error(path, lines, len(names))
+    values = flat.reshape(len(files), len(names)).astype(np.int8)
+    if len(set(files)) != len(files):
+        raise DataError(f"{path} lists an image twice")
+    return CelebAAttributes(names=names, files=files, values=values)
+
+
+def read_celeba_partition(path: Path) -> dict[str, int]:
+    """Parse list_eval_partition.txt: file name -> 0 (train), 1 (val) or 2 (test)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    out: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DataError(f"{path} line {number} is not '<file> 0|1|2': {line.strip()!r}")
+        out[parts[0]] = int(parts[1])
+    return out
+
+
+def celeba_labels(attributes: CelebAAttributes, names: Sequence[str]) -> np.ndarray:
+    """(N,) int64: the index in `names` of the first attribute each image has, or -1 for none."""
+    index = {name: k for k, name in enumerate(attributes.names)}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise DataError(
+            f"unknown CelebA attribute(s) {', '.join(unknown)}; the valid ones are "
+            f"{', '.join(attributes.names)}"
+        )
+    hits = attributes.values[:, [index[name] for name in names]] == 1  # (N, K)
+    first = hits.argmax(axis=1).astype(np.int64)
+    return np.where(hits.any(axis=1), first, -1)
+
+
+def _first_existing(candidates: Sequence[Path], is_dir: bool) -> Path | None:
+    for candidate in candidates:
+        if candidate.is_dir() if is_dir else candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A whole data set as labels and ids; pixels are decoded only for the indices asked."""
+
+    labels: np.ndarray
+    """(N,) int64, -1 where there is no class."""
+    ids: list[str]
+    """One id per image."""
+    num_classes: int
+    """Classes of the data set, 0 when it has none."""
+    pixels: Callable[[np.ndarray], Tensor]
+    """Indices -> (n, C, S, S) float32 in [-1, 1]."""
+
+
+def _celeba_source(
+    root: Path, split: str, split_attributes: Sequence[str] | None, image: ImageConfig
+) -> _Source:
+    attr_path = _first_existing(
+        [root / "list_attr_celeba.txt", root / "Anno" / "list_attr_celeba.txt"], is_dir=False
+    )
+    image_dir = _first_existing(
+        [
+            root / "img_align_celeba" / "img_align_celeba",  # the Kaggle archive nests it
+            root / "img_align_celeba",
+            root / "Img" / "img_align_celeba",
+        ],
+        is_dir=True,
+    )
+    if attr_path is None or image_dir is None:
+        missing = "list_attr_celeba.txt" if attr_path is None else "img_align_celeba/"
+        raise DataError(f"no {missing} in {root}; data.path must be {CELEBA_LAYOUT}")
+    if split not in CELEBA_SPLITS:
+        raise DataError(f"CelebA has the splits {', '.join(CELEBA_SPLITS)}, not {split!r}")
+    attributes = read_celeba_attributes(attr_path)
+    names = CELEBA_DEFAULT_ATTRIBUTES if split_attributes is None else tuple(split_attributes)
+    labels = celeba_labels(attributes, names)
+    keep = np.ones(len(attributes.files), dtype=bool)
+    partition_path = _first_existing(
+        [root / "list_eval_partition.txt", root / "Eval" / "list_eval_partition.txt"],
+        is_dir=False,
+    )
+    if partition_path is not None:
+        partition = read_celeba_partition(partition_path)
+        absent = [f for f in attributes.files if f not in partition]
+        if absent:
+            raise DataError(f"{partition_path} has no entry for {absent[0]} ({len(absent)} in all)")
+        wanted = CELEBA_SPLITS[split]
+        keep &= np.array([partition[f] == wanted for f in attributes.files], dtype=bool)
+    elif split != "train":
+        raise DataError(
+            f"the CelebA split {split!r} needs list_eval_partition.txt in {root}; without it "
+            "every image belongs to 'train'"
+        )
+    if split_attributes is not None:
+        keep &= labels >= 0  # images with none of the attributes belong to no client
+    rows = np.flatnonzero(keep)
+    files = [attributes.files[i] for i in rows]
+    ids = _unique_ids([_hashed_id("celeba", f) for f in files], image_dir)
+
+    def pixels(indices: np.ndarray) -> Tensor:
+        return decode_images([image_dir / files[i] for i in indices], image)
+
+    return _Source(labels[rows], ids, len(names), pixels)
+
+
+def _awa2_source(root: Path, image: ImageConfig) -> _Source:
+    folder = _first_existing([root / AWA2_DIR, root], is_dir=True)
+    if folder is None or not (folder / "JPEGImages").is_dir():
+        raise DataError(f"no JPEGImages/ in {root}; data.path must be {AWA2_LAYOUT}")
+    images_dir = folder / "JPEGImages"
+    present = sorted(
+        p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    classes_path = folder / "classes.txt"
+    if classes_path.is_file():
+        classes: list[str] = []
+        for number, line in enumerate(classes_path.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise DataError(f"{classes_path} line {number} is not '<number> <class>'")
+            classes.append(parts[1])
+        unlisted = [name for name in present if name not in classes]
+        if unlisted:
+            raise DataError(
+                f"JPEGImages/{unlisted[0]} is not a class of {classes_path}; "
+                "remove the folder or add the class"
+            )
+    else:  # without classes.txt the sorted folder names are the classes
+        classes = present
+    index = {name: k for k, name in enumerate(classes)}
+    files: list[str] = []
+    labels_list: list[int] = []
+    for name in present:
+        for p in sorted((images_dir / name).iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file():
+                files.append(f"{name}/{p.name}")
+                labels_list.append(index[name])
+    if not files:
+        raise DataError(f"no JPEG images under {images_dir}; data.path must be {AWA2_LAYOUT}")
+    ids = _unique_ids([_hashed_id("awa2", f) for f in files], images_dir)
+
+    def pixels(indices: np.ndarray) -> Tensor:
+        return decode_images([images_dir / files[i] for i in indices], image)
+
+    return _Source(np.array(labels_list, dtype=np.int64), ids, len(classes), pixels)
 
 
 # ----- conversion ------------------------------------------------------------------------
@@ -371,36 +775,84 @@ def partition_indices(
 
 # ----- the client's share --------------------------------------------------------------------
 
+_PATH_HINTS = {
+    "folder": "the folder of PNG/JPEG images",
+    "cifar10": CIFAR10_LAYOUT,
+    "celeba": CELEBA_LAYOUT,
+    "awa2": AWA2_LAYOUT,
+}
 
-def _load_source(
-    config: DataConfig, image: ImageConfig, split: str
-) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, list[str], int]:
-    """(images, labels, ids, num_classes) of the whole data set."""
+
+def _in_memory(
+    images: np.ndarray | list[np.ndarray], image: ImageConfig
+) -> Callable[[np.ndarray], Tensor]:
+    def pixels(indices: np.ndarray) -> Tensor:
+        if isinstance(images, np.ndarray):
+            return to_model_range(images[indices], image)
+        return to_model_range([images[i] for i in indices], image)
+
+    return pixels
+
+
+def _load_source(config: DataConfig, image: ImageConfig, split: str) -> _Source:
+    """Labels and ids of the whole data set, with a way to decode any subset of it."""
     if config.source == "fashion-mnist":
         if split not in ("train", "test"):
             raise DataError(f"Fashion-MNIST has the splits 'train' and 'test', not {split!r}")
         images, labels = load_fashion_mnist(config.path, "train" if split == "train" else "test")
-        return images, labels, [f"fmnist-{split}-{i:05d}" for i in range(len(labels))], 10
+        ids = [f"fmnist-{split}-{i:05d}" for i in range(len(labels))]
+        return _Source(labels, ids, 10, _in_memory(images, image))
+    if config.source == "digits":
+        if split != "train":
+            raise DataError(f"data source 'digits' has only the split 'train', not {split!r}")
+        images, labels = load_digits_arrays()
+        ids = [f"digits-{i:04d}" for i in range(len(labels))]
+        return _Source(labels, ids, 10, _in_memory(images, image))
+    if config.path is None:
+        raise DataError(
+            f"data.source = {config.source!r} needs data.path, {_PATH_HINTS[config.source]}"
+        )
+    root = Path(config.path)
+    if not root.is_dir():
+        raise DataError(
+            f"data.path {root} does not exist or is not a directory; for data.source = "
+            f"{config.source!r} it must be {_PATH_HINTS[config.source]}"
+        )
+    if config.source == "cifar10":
+        if split not in ("train", "test"):
+            raise DataError(f"CIFAR-10 has the splits 'train' and 'test', not {split!r}")
+        images, labels = load_cifar10(root, "train" if split == "train" else "test")
+        ids = [f"cifar10-{split}-{i:05d}" for i in range(len(labels))]
+        return _Source(labels, ids, len(CIFAR10_CLASSES), _in_memory(images, image))
+    if config.source == "celeba":
+        if config.split_attributes is None and config.partition == "classes":
+            raise DataError(
+                "partition 'classes' on CelebA needs data.split_attributes, the attribute each "
+                f"client holds (e.g. {list(CELEBA_DEFAULT_ATTRIBUTES)}), or choose partition "
+                "'iid' or 'dirichlet'"
+            )
+        return _celeba_source(root, split, config.split_attributes, image)
     if split != "train":
         raise DataError(f"data source {config.source!r} has only the split 'train', not {split!r}")
-    if config.source == "digits":
-        images, labels = load_digits_arrays()
-        return images, labels, [f"digits-{i:04d}" for i in range(len(labels))], 10
-    if config.path is None:
-        raise DataError("data.source = 'folder' needs data.path, the folder of PNG/JPEG images")
-    pictures, labels, ids = load_folder(config.path, image.channels)
+    if config.source == "awa2":
+        return _awa2_source(root, image)
+    pictures, labels, ids = load_folder(root, image.channels)
     num_classes = int(labels.max()) + 1 if labels.size and labels.min() >= 0 else 0
-    return pictures, labels, ids, num_classes
+    return _Source(labels, ids, num_classes, _in_memory(pictures, image))
 
 
 def load_local_data(config: DataConfig, image: ImageConfig, split: str = "train") -> LocalData:
     """Load the data set, keep this client's share of it and convert it for the model.
 
     The split uses config.partition, num_clients, seed and alpha; with partition = "classes"
-    and config.classes set, this client keeps every image of those classes. config.limit keeps
+    and config.classes set, this client keeps every image of those classes. For CelebA,
+    config.split_attributes makes the classes (the first listed attribute an image has), so
+    partition "classes" gives client i the images of split_attributes[i]. config.limit keeps
     the first `limit` images of the share after a shuffle seeded by (seed, client_index).
+    Only the images of the final share are decoded, so large image folders load quickly.
     """
-    images, labels, ids, num_classes = _load_source(config, image, split)
+    source = _load_source(config, image, split)
+    labels, num_classes = source.labels, source.num_classes
     classes_per_client: list[tuple[int, ...]] | None = None
     if config.classes is not None:
         if config.partition != "classes":
@@ -432,13 +884,9 @@ def load_local_data(config: DataConfig, image: ImageConfig, split: str = "train"
     if 0 < config.limit < share.size:
         rng = _rng(config.seed, config.client_index)
         share = np.sort(rng.permutation(share)[: config.limit])
-    if isinstance(images, np.ndarray):
-        pixels = to_model_range(images[share], image)
-    else:
-        pixels = to_model_range([images[i] for i in share], image)
     return LocalData(
-        images=pixels,
+        images=source.pixels(share),
         labels=torch.from_numpy(labels[share].astype(np.int64)),
-        ids=[ids[i] for i in share],
+        ids=[source.ids[i] for i in share],
         num_classes=num_classes,
     )
