@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from collafuse.common.store import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -38,12 +39,8 @@ class Ledger:
     """Rows are written before a tensor is sent and marked once the server acknowledged it."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         """Close the database."""

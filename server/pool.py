@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 
 from collafuse.common.domain import ClientPool
+from collafuse.common.store import open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -63,14 +63,8 @@ class Pool:
     """Thread-safe store; every write is committed before the caller acknowledges it."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:
-            # WAL + synchronous=FULL: a committed upload survives a SIGKILL or power loss.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         """Close the database."""
