@@ -160,6 +160,8 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]
             },
             "model": _unet(args.client_width, 2, attention=False),
             "train": {"steps": args.client_steps, "batch_size": args.batch_size, "lr": 2e-3},
+            # DDIM on both halves: 50 steps from T to t_cut on the server, 100 on the client.
+            "synth": {"sampler": "ddim", "server_steps": 50, "client_steps": 100},
         }
         path = out / "clients" / f"client-{i}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
