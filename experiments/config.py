@@ -1,0 +1,128 @@
+"""Configuration of a study (`collafuse experiment --config experiments/NAME.toml`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from collafuse.common.config import UNetConfig
+
+ArmKind = Literal["local", "centralised", "fedavg", "collafuse", "heuristic"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class StudyData(_Frozen):
+    """The data and how it is split; every arm sees the same split."""
+
+    source: Literal["fashion-mnist", "digits", "folder", "cifar10", "celeba", "awa2"] = (
+        "fashion-mnist"
+    )
+    """Where the images come from (see DataConfig)."""
+    path: Path | None = None
+    """Data directory for sources that need one."""
+    image_size: int = Field(default=28, ge=8, le=256)
+    """Images are resized to this square size."""
+    channels: int = Field(default=1, ge=1, le=3)
+    """Colour channels."""
+    num_clients: int = Field(default=3, ge=2, le=10)
+    """Clients in the federation."""
+    partitions: tuple[Literal["classes", "iid"], ...] = ("classes",)
+    """Splits to study: by class (non-IID) and/or IID."""
+    train_per_client: int = Field(default=500, ge=8)
+    """Training images per client."""
+    test_per_client: int = Field(default=200, ge=8)
+    """Held-out images per client: the reference for FID/KID and the distractors for re-id."""
+
+
+class StudyModels(_Frozen):
+    """Network sizes of each role."""
+
+    server: UNetConfig = UNetConfig(block_out_channels=(16, 32, 32), attention_levels=())
+    """The shared server denoiser (CollaFuse and heuristic arms)."""
+    client: UNetConfig = UNetConfig(
+        block_out_channels=(8, 16), attention_levels=(), norm_num_groups=4
+    )
+    """The small client denoiser (CollaFuse and heuristic arms)."""
+    full: UNetConfig = UNetConfig(block_out_channels=(16, 32, 32), attention_levels=())
+    """The full-chain model of the local-only, centralised and FedAvg arms."""
+
+
+class StudyTrain(_Frozen):
+    """Training budgets; equal budgets across arms keep the comparison honest."""
+
+    server_steps: int = Field(default=300, ge=1)
+    """Steps of the server model (CollaFuse, heuristic)."""
+    client_steps: int = Field(default=300, ge=1)
+    """Steps of each client's small model (CollaFuse, heuristic)."""
+    full_steps: int = Field(default=300, ge=1)
+    """Steps of each full-chain model (local-only per client, centralised)."""
+    fedavg_rounds: int = Field(default=10, ge=1)
+    """FedAvg rounds; each client runs full_steps / rounds local steps per round."""
+    batch_size: int = Field(default=32, ge=1)
+    """Batch size everywhere."""
+    lr: float = Field(default=1e-3, gt=0)
+    """AdamW learning rate everywhere."""
+
+
+class StudyEval(_Frozen):
+    """How images are generated and scored."""
+
+    samples_per_client: int = Field(default=100, ge=4)
+    """Images generated per client and arm."""
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    """Sampler on both halves of the chain."""
+    steps: int = Field(default=50, ge=0)
+    """Sampling steps over the whole chain (0 = every timestep). Split arms give each side a
+    share proportional to its part of the chain, so every arm has the same sampling budget."""
+    kid_subset_size: int = Field(default=50, ge=2)
+    """Images per KID subset."""
+
+
+class ExperimentConfig(_Frozen):
+    """One study: arms x partitions x cut ratios on one data set, with shared seeds."""
+
+    name: str = "study"
+    """Name printed in the report."""
+    seed: int = 0
+    """Seed of everything: the split, the clients' secrets, training and sampling."""
+    num_timesteps: int = Field(default=100, ge=21, le=4000)
+    """T."""
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    """Noise schedule."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run."""
+    threads: int = Field(default=0, ge=0)
+    """torch CPU threads (0 keeps the default)."""
+    arms: tuple[ArmKind, ...] = ("local", "centralised", "fedavg", "collafuse", "heuristic")
+    """Which arms to run."""
+    cut_ratios: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    """Cut ratios of the CollaFuse arm."""
+    heuristic_cut_ratios: tuple[float, ...] = (0.4,)
+    """Cut ratios of the paper's heuristic ablation."""
+    data: StudyData = StudyData()
+    """Data and split."""
+    models: StudyModels = StudyModels()
+    """Network sizes."""
+    train: StudyTrain = StudyTrain()
+    """Training budgets."""
+    eval: StudyEval = StudyEval()
+    """Generation and scoring."""
+
+    @model_validator(mode="after")
+    def _ratios(self) -> ExperimentConfig:
+        for c in (*self.cut_ratios, *self.heuristic_cut_ratios):
+            if not 0 < c < 1:
+                raise ValueError(f"cut ratios must lie in (0, 1), got {c}")
+        return self
+
+    def digest(self) -> str:
+        """A hash of everything that changes results, to tell whether a saved arm still fits."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"name", "threads"}), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,105 @@
+"""The smoke study end to end: every arm runs, the report is complete, a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from collafuse.common.config import load_config
+from collafuse.experiments.config import ExperimentConfig
+from collafuse.experiments.runner import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.toml"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def _run(out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "collafuse",
+            "experiment",
+            "--config",
+            str(SMOKE),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+    )
+
+
+def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    first = _run(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    config = load_config(ExperimentConfig, SMOKE)
+    arms = plan(config)
+    assert "running" in first.stdout  # progress was shown
+
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert [r["key"] for r in results] == [a.key for a in arms]
+    kinds = {r["arm"] for r in results}
+    assert kinds == {"local", "centralised", "fedavg", "collafuse", "heuristic"}
+    for r in results:
+        assert set(r["fid"]) == {"client-0", "client-1", "client-2"}
+        numbers = _numbers({k: r[k] for k in ("fid", "kid", "fid_pooled", "kid_pooled", "cost")})
+        assert numbers and all(math.isfinite(x) for x in numbers), r["key"]
+        assert r["fid_pooled"] > 0
+        assert (out / r["grid"]).exists()
+    split = [r for r in results if r["arm"] == "collafuse"]
+    for r in split:
+        d = r["disclosure"]
+        assert all(
+            math.isfinite(d[k]) for k in ("snr", "kid_cut_vs_train", "attack_psnr", "attack_ssim")
+        )
+        assert 0.0 <= d["attack_reid"] <= 1.0 and 0.0 <= d["reid_raw_cut"] <= 1.0
+        assert d["attacker"] in {"server model", "raw-data model"}
+    # A later cut is noisier: lower SNR, and the client does more of the work.
+    low, high = sorted(split, key=lambda r: r["cut_ratio"])
+    assert high["disclosure"]["snr"] < low["disclosure"]["snr"]
+    assert (
+        high["cost"]["client_synth_mflops_per_image"] > low["cost"]["client_synth_mflops_per_image"]
+    )
+    local = next(r for r in results if r["arm"] == "local")
+    assert local["cost"]["client_train_gflops"] > high["cost"]["client_train_gflops"]
+
+    report = (out / "report.md").read_text()
+    for heading in ("## classes split", "### Fidelity", "### Disclosure", "### Cost"):
+        assert heading in report
+    for name in ("fid_vs_cut", "disclosure_vs_cut", "client_compute_vs_cut", "tradeoff"):
+        png = out / f"{name}_classes.png"
+        assert Image.open(png).size[0] > 100
+        assert f"({png.name})" in report
+    assert (out / "results.csv").read_text().count("\n") == len(arms) + 1
+
+    # A second run keeps every finished arm and rewrites the same report.
+    second = _run(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done earlier, kept") == len(arms)
+    again = json.loads((out / "results.json").read_text())["results"]
+    assert [r["fid_pooled"] for r in again] == [r["fid_pooled"] for r in results]
