@@ -27,7 +27,7 @@ setup: $(STAMP) $(FMNIST)
 		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
 demo: setup
-	$(VENV)/bin/collafuse demo --clients 3 --out $(DEMO_OUT)
+	$(VENV)/bin/collafuse demo --clients 3 --out $(DEMO_OUT) --overwrite
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
     p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo in --out (its files only)"
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -215,8 +219,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.clients < 1:
         raise ValueError("--clients must be at least 1")
     out: Path = args.out
-    if (out / "server").exists() or (out / "clients").exists():
-        raise ValueError(f"{out} holds an earlier demo; choose another --out or remove it")
+    earlier = [out / name for name in ("server", "clients", "samples", "logs")]
+    if any(p.exists() for p in earlier):
+        if not args.overwrite:
+            raise ValueError(
+                f"{out} holds an earlier demo; choose another --out or pass --overwrite"
+            )
+        for p in earlier:
+            shutil.rmtree(p, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     server_toml, client_tomls = write_configs(args, out)
     server_cfg = load_config(ServerConfig, server_toml)
