@@ -31,7 +31,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--inception-weights",
         type=Path,
-        help="also score with Inception features from this weights file (not implemented yet)",
+        help="also score pooled FID/KID with Inception-v3 features from this weights file "
+        "(torch-fidelity's FID Inception; needs the torch-fidelity package)",
     )
     p.set_defaults(func=run_experiment)
 
@@ -49,13 +50,16 @@ def run_experiment(args: argparse.Namespace) -> int:
     from collafuse.experiments.runner import Study
 
     config = load_config(ExperimentConfig, args.config, args.set)
+    inception = None
     if args.inception_weights is not None:
-        raise ValueError("--inception-weights is not supported yet; use the default features")
+        from collafuse.common.metrics import inception_feature_extractor
+
+        inception = inception_feature_extractor(args.inception_weights)
     if config.threads:
         torch.set_num_threads(config.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    study = Study(config, args.out, say=lambda s: print(s, flush=True))
+    study = Study(config, args.out, say=lambda s: print(s, flush=True), inception=inception)
     results = study.run()
     report = write_report(config, results, args.out, args.machine or describe_machine())
     print(f"report: {report} ({time.perf_counter() - started:.0f}s)")

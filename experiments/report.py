@@ -233,6 +233,15 @@ def write_report(
                 + " | ".join(_fmt(r["fid"][c]) for c in clients)
                 + f" | {_fmt(r['fid_pooled'])} | {_fmt(r['kid_pooled'])} |"
             )
+        if any("fid_inception_pooled" in r for r in mine):
+            lines += [
+                "",
+                "Inception-v3 features (pooled): "
+                + "; ".join(
+                    f"{_name(r)} FID {_fmt(r.get('fid_inception_pooled'))}, KID {_fmt(r.get('kid_inception_pooled'))}"
+                    for r in mine
+                ),
+            ]
         lines += ["", "### Disclosure (what the server saw)", ""]
         lines.append(
             "| arm | t_cut | SNR | KID(cut, train) | re-id of raw cut | best attacker | attack PSNR dB | attack SSIM | attack re-id |"

@@ -38,6 +38,7 @@ from collafuse.common.data import LocalData, load_local_data
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.images import save_grid
 from collafuse.common.metrics import (
+    FeatureExtractor,
     FeatureNet,
     count_flops,
     fid_kid,
@@ -136,7 +137,11 @@ class Study:
     """Runs the arms of one config into an output directory; finished arms are not redone."""
 
     def __init__(
-        self, config: ExperimentConfig, out: Path, say: Callable[[str], None] = print
+        self,
+        config: ExperimentConfig,
+        out: Path,
+        say: Callable[[str], None] = print,
+        inception: FeatureExtractor | None = None,
     ) -> None:
         self.config = config
         self.out = out
@@ -148,6 +153,8 @@ class Study:
         self.diffusion = Diffusion.from_config(self.schedule)
         self.image = ImageConfig(channels=config.data.channels, size=config.data.image_size)
         self.features: FeatureNet = load_feature_net()
+        # Optional second feature space (Inception from a user-supplied weights file).
+        self.inception = inception
         self._flops: dict[str, tuple[int, int]] = {}
         self._shares: dict[str, list[ClientShare]] = {}
         (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -327,6 +334,18 @@ class Study:
             self.features,
             kid_subset_size=ev.kid_subset_size,
         )
+        extra: dict[str, Any] = {}
+        if self.inception is not None:
+            inc = fid_kid(
+                torch.cat([s.test for s in shares]),
+                torch.cat(samples),
+                self.inception,
+                kid_subset_size=ev.kid_subset_size,
+            )
+            extra = {
+                "fid_inception_pooled": round(inc.fid, 3),
+                "kid_inception_pooled": round(inc.kid_mean, 5),
+            }
         grid = self.out / "grids" / f"{arm.key}.png"
         save_grid(torch.cat([s[:8] for s in samples]), grid, nrow=8, scale=2)
         return {
@@ -335,6 +354,7 @@ class Study:
             "fid_pooled": round(pooled.fid, 3),
             "kid_pooled": round(pooled.kid_mean, 5),
             "grid": str(grid.relative_to(self.out)),
+            **extra,
         }
 
     def _share(self, span: int) -> int:

@@ -103,3 +103,15 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
     assert second.stdout.count("done earlier, kept") == len(arms)
     again = json.loads((out / "results.json").read_text())["results"]
     assert [r["fid_pooled"] for r in again] == [r["fid_pooled"] for r in results]
+
+
+def test_inception_weights_must_exist(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "collafuse", "experiment", "--config", str(SMOKE),
+            "--out", str(tmp_path / "x"), "--inception-weights", str(tmp_path / "missing.pth"),
+        ],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "missing.pth does not exist" in proc.stderr
