@@ -285,7 +285,8 @@ class ClientDaemon:
             log.error("%s", exc)
             return 1
         finally:
-            self.write_status(phase="stopped" if self.status.phase != "done" else "done")
+            if self.status.phase not in ("done", "refused"):
+                self.write_status(phase="stopped")
             if self.remote is not None:
                 self.remote.close()
             self.ledger.close()
