@@ -56,6 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ss.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     ss.add_argument("--insecure", action="store_true")
     ss.add_argument("--tls-ca", type=Path)
+    ss.add_argument("--token-file", type=Path, help="a client token, for servers that need one")
     ss.set_defaults(func=run_server_status)
 
     from collafuse.client.demo import add_demo_command
@@ -132,9 +133,11 @@ def run_server_status(args: argparse.Namespace) -> int:
     """Print a server's status as JSON."""
     from dataclasses import asdict
 
-    from collafuse.client.remote import Remote, open_channel
+    from collafuse.client.remote import Remote, open_channel, read_token
 
-    remote = Remote(open_channel(args.server, args.insecure, args.tls_ca))
+    remote = Remote(
+        open_channel(args.server, args.insecure, args.tls_ca), read_token(args.token_file)
+    )
     try:
         status = remote.status(timeout=10)
     finally:

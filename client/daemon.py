@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from collafuse.client.ledger import Ledger
-from collafuse.client.remote import Remote, open_channel
+from collafuse.client.remote import Remote
 from collafuse.client.secret import image_noise, load_or_create_secret, wire_id
 from collafuse.client.trainer import LocalTrainer
 from collafuse.common.config import ClientConfig
@@ -115,8 +115,7 @@ class ClientDaemon:
 
     def _connect(self) -> Remote:
         if self.remote is None:
-            cfg = self.config
-            self.remote = Remote(open_channel(cfg.server, cfg.insecure, cfg.tls_ca))
+            self.remote = Remote.for_client(self.config)
         return self.remote
 
     def _with_retry(self, what: str, call: Callable[[Remote], R]) -> R:

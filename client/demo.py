@@ -220,13 +220,13 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError("--clients must be at least 1")
     out: Path = args.out
     earlier = [out / name for name in ("server", "clients", "samples", "logs")]
-    if any(p.exists() for p in earlier):
+    if any(old.exists() for old in earlier):
         if not args.overwrite:
             raise ValueError(
                 f"{out} holds an earlier demo; choose another --out or pass --overwrite"
             )
-        for p in earlier:
-            shutil.rmtree(p, ignore_errors=True)
+        for old in earlier:
+            shutil.rmtree(old, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     server_toml, client_tomls = write_configs(args, out)
     server_cfg = load_config(ServerConfig, server_toml)

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from collafuse.common import serde
+from collafuse.common.config import ClientConfig
 from collafuse.common.domain import (
     CutBatch,
     Registration,
@@ -35,12 +36,32 @@ def open_channel(address: str, insecure: bool, tls_ca: Path | None = None) -> gr
     )
 
 
-class Remote:
-    """Typed calls to a CollaFuse server."""
+def read_token(path: Path | None) -> str | None:
+    """A client token from its file (first line), or None."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the client token file {path}: {exc}") from None
+    if not token:
+        raise ValueError(f"the client token file {path} is empty")
+    return token
 
-    def __init__(self, channel: grpc.Channel) -> None:
+
+class Remote:
+    """Typed calls to a CollaFuse server, each carrying the client's token if it has one."""
+
+    def __init__(self, channel: grpc.Channel, token: str | None = None) -> None:
         self.channel = channel
         self.stub = pb_grpc.CollaFuseStub(channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+
+    @classmethod
+    def for_client(cls, config: ClientConfig) -> Remote:
+        """A connection as the configured client (address, TLS, token)."""
+        channel = open_channel(config.server, config.insecure, config.tls_ca)
+        return cls(channel, read_token(config.auth_token_file))
 
     def close(self) -> None:
         """Close the channel."""
@@ -49,24 +70,31 @@ class Remote:
     def register(self, reg: Registration) -> Session:
         """Register (idempotent) and learn the schedule and t_cut."""
         reply = self.stub.Register(
-            serde.registration_to_proto(reg), timeout=UNARY_TIMEOUT_S, wait_for_ready=True
+            serde.registration_to_proto(reg),
+            timeout=UNARY_TIMEOUT_S,
+            wait_for_ready=True,
+            metadata=self.metadata,
         )
         return serde.session_from_proto(reply)
 
     def upload(self, batches: Iterable[CutBatch]) -> UploadResult:
         """Stream cut images; the answer counts accepted, duplicate and rejected images."""
         reply = self.stub.UploadCuts(
-            (serde.cut_batch_to_proto(b) for b in batches), timeout=STREAM_TIMEOUT_S
+            (serde.cut_batch_to_proto(b) for b in batches),
+            timeout=STREAM_TIMEOUT_S,
+            metadata=self.metadata,
         )
         return serde.upload_result_from_proto(reply)
 
     def synthesize(self, req: SynthesisRequest) -> Iterator[SynthesisChunk]:
         """Stream x_{t_cut} chunks for a synthesis request."""
         for msg in self.stub.Synthesize(
-            serde.synthesis_request_to_proto(req), timeout=STREAM_TIMEOUT_S
+            serde.synthesis_request_to_proto(req), timeout=STREAM_TIMEOUT_S, metadata=self.metadata
         ):
             yield serde.synthesis_chunk_from_proto(msg)
 
     def status(self, timeout: float = UNARY_TIMEOUT_S) -> ServerStatus:
         """The server's status."""
-        return serde.status_from_proto(self.stub.GetStatus(serde.status_request(), timeout=timeout))
+        return serde.status_from_proto(
+            self.stub.GetStatus(serde.status_request(), timeout=timeout, metadata=self.metadata)
+        )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from collafuse.client.daemon import state_paths
-from collafuse.client.remote import Remote, open_channel
+from collafuse.client.remote import Remote
 from collafuse.client.trainer import load_client_model
 from collafuse.common.config import ClientConfig, ScheduleConfig
 from collafuse.common.diffusion import Diffusion, SamplerKind
@@ -84,7 +84,7 @@ def synthesize(
         eta=s.eta,
         mixture=s.mixture if mixture is None else mixture,
     )
-    remote = Remote(open_channel(config.server, config.insecure, config.tls_ca))
+    remote = Remote.for_client(config)
     try:
         started = time.perf_counter()
         x_cut, version = receive_cut_samples(remote, req, t_cut, config.image.shape)

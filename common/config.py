@@ -153,6 +153,9 @@ class ServerConfig(_Frozen):
     """PEM certificate chain for TLS."""
     tls_key: Path | None = None
     """PEM private key for TLS."""
+    auth_tokens: Path | None = None
+    """TOML file of `client_id = "sha256:<hex>"` lines (from `collafuse token`). When set, every
+    call must carry its client's token and may act only as that client."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; auto takes CUDA when present."""
     threads: int = Field(default=0, ge=0)
@@ -270,6 +273,8 @@ class ClientConfig(_Frozen):
     """Talk plaintext gRPC (loopback and tests only); otherwise TLS, trusting tls_ca."""
     tls_ca: Path | None = None
     """PEM root certificates to trust; default is the system's."""
+    auth_token_file: Path | None = None
+    """File holding this client's token, for servers that require one; keep it private."""
     state_dir: Path = Path("collafuse-client")
     """Where the secret, ledger, checkpoints and status live."""
     cut_ratio: float = Field(default=0.3, gt=0, lt=1)

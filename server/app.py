@@ -17,6 +17,7 @@ from collafuse.common.config import ServerConfig
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.limits import server_options
 from collafuse.common.nets import pick_device
+from collafuse.server.auth import Authenticator
 from collafuse.server.pool import Pool
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.service import CollaFuseService
@@ -98,7 +99,12 @@ def start_server(
         pool.close()
         raise StartupError(str(exc)) from None
     sampler = BatchingSampler(diffusion, trainer.hub, config.sampler.max_batch, device)
-    service = CollaFuseService(config, diffusion, pool, trainer, sampler, device)
+    try:
+        auth = Authenticator.from_file(config.auth_tokens)
+    except ValueError as exc:
+        pool.close()
+        raise StartupError(str(exc)) from None
+    service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, auth)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
         options=server_options(),
@@ -126,9 +132,10 @@ def start_server(
     tmp.write_text(json.dumps(info))
     tmp.replace(data_dir / "server.json")
     log.info(
-        "serving on %s (%s, %s, %d parameters, step %d)",
+        "serving on %s (%s%s, %s, %d parameters, step %d)",
         running.address,
         "insecure" if credentials is None else "TLS",
+        ", client tokens required" if auth.enabled else "",
         device,
         trainer.num_parameters,
         trainer.step,

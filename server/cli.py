@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -32,6 +33,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="override any config field, e.g. --set train.batch_size=32 (repeatable)",
     )
     p.set_defaults(func=run_server)
+
+    t = sub.add_parser("token", help="make a client token and the line for the server's token file")
+    t.add_argument("client_id", help="the client the token is for")
+    t.add_argument("--out", type=Path, required=True, help="file to write the token to (mode 0600)")
+    t.set_defaults(func=run_token)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -65,4 +71,20 @@ def run_server(args: argparse.Namespace) -> int:
     done.wait()
     log.info("shutting down: writing a final checkpoint")
     running.stop()
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """Write a new token for the client and print the server-side line."""
+    from collafuse.common.serde import check_client_id
+    from collafuse.server.auth import hash_token, new_token
+
+    check_client_id(args.client_id)
+    token = new_token()
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    print(f"wrote the token for {args.client_id} to {args.out}; give that file to the client")
+    print("add this line to the server's auth_tokens file:")
+    print(f'{args.client_id} = "{hash_token(token)}"')
     return 0

@@ -23,6 +23,8 @@ class Refusal(Enum):
     INVALID_ARGUMENT = "invalid_argument"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
 
 
 class PolicyError(Exception):

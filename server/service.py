@@ -23,6 +23,7 @@ from collafuse.common.domain import (
     UploadResult,
 )
 from collafuse.common.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from collafuse.server.auth import Authenticator
 from collafuse.server.policy import Policy, PolicyError, Refusal
 from collafuse.server.pool import Pool, PoolFullError
 from collafuse.server.sampler import BatchingSampler
@@ -52,8 +53,10 @@ class CollaFuseService:
         trainer: Trainer,
         sampler: BatchingSampler,
         device: torch.device,
+        auth: Authenticator | None = None,
     ) -> None:
         self.config = config
+        self.auth = auth or Authenticator()
         self.diffusion = diffusion
         self.pool = pool
         self.trainer = trainer
@@ -64,9 +67,10 @@ class CollaFuseService:
         self.started = time.monotonic()
         self.counters = Counters()
 
-    def register(self, reg: Registration) -> Session:
+    def register(self, reg: Registration, caller: str | None = None) -> Session:
         """Admit a client (idempotent) and tell it the schedule and its t_cut."""
         self.counters.requests += 1
+        self.auth.check(caller, reg.client_id)
         t_cut = self.policy.check_registration(reg)
         try:
             record = self.pool.register(
@@ -86,7 +90,7 @@ class CollaFuseService:
             release_snr=self.diffusion.snr(t_cut),
         )
 
-    def upload(self, batches: Iterable[CutBatch]) -> UploadResult:
+    def upload(self, batches: Iterable[CutBatch], caller: str | None = None) -> UploadResult:
         """Store cut images that pass the guard; each message is durable before the next."""
         self.counters.requests += 1
         accepted = duplicate = 0
@@ -96,6 +100,7 @@ class CollaFuseService:
             if client_id and batch.client_id != client_id:
                 raise PolicyError(Refusal.INVALID_ARGUMENT, "one upload stream carries one client")
             client_id = batch.client_id
+            self.auth.check(caller, client_id)
             record = self.pool.client(client_id)
             if record is None:
                 raise PolicyError(
@@ -134,10 +139,14 @@ class CollaFuseService:
         )
 
     def synthesize(
-        self, req: SynthesisRequest, is_active: Callable[[], bool] = lambda: True
+        self,
+        req: SynthesisRequest,
+        is_active: Callable[[], bool] = lambda: True,
+        caller: str | None = None,
     ) -> Iterator[SynthesisChunk]:
         """Run T..t_cut for the client and stream x_{t_cut} in chunks of about CHUNK_BYTES."""
         self.counters.requests += 1
+        self.auth.check(caller, req.client_id)
         record = self.pool.client(req.client_id)
         if record is None:
             raise PolicyError(

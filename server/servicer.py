@@ -21,6 +21,8 @@ _CODES = {
     Refusal.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Refusal.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Refusal.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 R = TypeVar("R")
 
@@ -47,28 +49,38 @@ class CollaFuseServicer(pb_grpc.CollaFuseServicer):
     def __init__(self, service: CollaFuseService) -> None:
         self.service = service
 
+    def _caller(self, context: grpc.ServicerContext) -> str | None:
+        """The authenticated client id (None when the server runs without tokens)."""
+        return self.service.auth.identify(context.invocation_metadata())
+
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
-        return _guard(
-            context,
-            lambda: serde.session_to_proto(
-                self.service.register(serde.registration_from_proto(request))
-            ),
-        )
+        def register() -> pb.RegisterResponse:
+            caller = self._caller(context)  # authenticate before reading the request
+            reg = serde.registration_from_proto(request)
+            return serde.session_to_proto(self.service.register(reg, caller))
+
+        return _guard(context, register)
 
     def UploadCuts(
         self, request_iterator: Iterator[pb.UploadCutsRequest], context: grpc.ServicerContext
     ) -> pb.UploadCutsResponse:
         batches: Iterator[CutBatch] = (serde.cut_batch_from_proto(m) for m in request_iterator)
-        return _guard(context, lambda: serde.upload_result_to_proto(self.service.upload(batches)))
+
+        def upload() -> pb.UploadCutsResponse:
+            caller = self._caller(context)
+            return serde.upload_result_to_proto(self.service.upload(batches, caller))
+
+        return _guard(context, upload)
 
     def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SynthesizeChunk]:
         try:
+            caller = self._caller(context)
             req = serde.synthesis_request_from_proto(request)
-            for chunk in self.service.synthesize(req, context.is_active):
+            for chunk in self.service.synthesize(req, context.is_active, caller):
                 yield serde.synthesis_chunk_to_proto(chunk)
         except Exception as exc:
             _abort(context, exc)
@@ -76,4 +88,8 @@ class CollaFuseServicer(pb_grpc.CollaFuseServicer):
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
-        return _guard(context, lambda: serde.status_to_proto(self.service.status()))
+        def status() -> pb.GetStatusResponse:
+            self._caller(context)
+            return serde.status_to_proto(self.service.status())
+
+        return _guard(context, status)

@@ -22,7 +22,7 @@ from collafuse.common import serde
 from collafuse.common.config import ClientConfig, ServerConfig
 from collafuse.common.data import load_local_data
 from collafuse.common.diffusion import Diffusion
-from collafuse.common.domain import CutBatch, Registration
+from collafuse.common.domain import CutBatch, Registration, SynthesisRequest
 from collafuse.server.app import RunningServer, start_server
 from collafuse.server.policy import guard_ratio, measure_noise_std
 from collafuse.v1 import collafuse_pb2 as pb
@@ -370,3 +370,59 @@ def test_synthesis_is_reproducible_and_batched(
     assert out["b"].shape == (4, 1, 8, 8)
     assert running.sampler.forward_calls > calls_before
     channel.close()
+
+
+def test_client_tokens(tmp_path: Path) -> None:
+    from collafuse.server.auth import hash_token
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'alice = "{hash_token("alice-secret")}"\nbob = "{hash_token("bob-secret")}"\n'
+    )
+    config = tiny_server_config(tmp_path / "server").model_copy(update={"auth_tokens": tokens})
+    running = start_server(config)
+    try:
+        reg = Registration("alice", (1, 8, 8), 0.4)
+
+        def remote(token: str | None) -> Remote:
+            return Remote(open_channel(running.address, insecure=True), token)
+
+        ok = remote("alice-secret")
+        assert ok.register(reg).t_cut == 20
+        assert ok.status().pools[0].client_id == "alice"
+        for token, code, needle in (
+            (None, grpc.StatusCode.UNAUTHENTICATED, "requires a client token"),
+            ("guess", grpc.StatusCode.UNAUTHENTICATED, "not known"),
+            ("bob-secret", grpc.StatusCode.PERMISSION_DENIED, "cannot act as alice"),
+        ):
+            r = remote(token)
+            with pytest.raises(grpc.RpcError) as info:
+                r.register(reg)
+            assert info.value.code() == code and needle in info.value.details()  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as info:
+                list(r.synthesize(SynthesisRequest("alice", 1, 0)))
+            assert info.value.code() == code
+            r.close()
+        # A client configured with its token file works end to end.
+        token_file = tmp_path / "alice.token"
+        token_file.write_text("alice-secret\n")
+        cfg = tiny_client_config(tmp_path / "alice", running.address, 0).model_copy(
+            update={"client_id": "alice", "auth_token_file": token_file}
+        )
+        assert ClientDaemon(cfg).run() == 0
+        assert ok.status().pools[0].num_images == 60
+        ok.close()
+    finally:
+        running.stop()
+
+
+def test_token_command_writes_a_private_token(tmp_path: Path) -> None:
+    from collafuse.cli import main
+    from collafuse.server.auth import Authenticator, hash_token
+
+    out = tmp_path / "edge.token"
+    assert main(["token", "edge-1", "--out", str(out)]) == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    token = out.read_text().strip()
+    auth = Authenticator({"edge-1": hash_token(token)})
+    assert auth.identify([("authorization", f"Bearer {token}")]) == "edge-1"
