@@ -55,16 +55,17 @@ class StudyModels(_Frozen):
 
 
 class StudyTrain(_Frozen):
-    """Training budgets; equal budgets across arms keep the comparison honest."""
+    """Training budgets in epochs: every arm passes over each image equally often, so a model
+    that sees the pooled data (centralised, the CollaFuse server) takes num_clients times the
+    steps of one that sees one client's share."""
 
-    server_steps: int = Field(default=300, ge=1)
-    """Steps of the server model (CollaFuse, heuristic)."""
-    client_steps: int = Field(default=300, ge=1)
-    """Steps of each client's small model (CollaFuse, heuristic)."""
-    full_steps: int = Field(default=300, ge=1)
-    """Steps of each full-chain model (local-only per client, centralised)."""
+    epochs: float = Field(default=20.0, gt=0)
+    """Passes over its data for every full-size model: local-only, centralised, FedAvg (in
+    total) and the server of the split arms."""
+    client_epochs: float = Field(default=20.0, gt=0)
+    """Passes over its own data for each client's small model (CollaFuse, heuristic)."""
     fedavg_rounds: int = Field(default=10, ge=1)
-    """FedAvg rounds; each client runs full_steps / rounds local steps per round."""
+    """FedAvg rounds; the local steps are spread evenly over them."""
     batch_size: int = Field(default=32, ge=1)
     """Batch size everywhere."""
     lr: float = Field(default=1e-3, gt=0)

@@ -207,8 +207,9 @@ def write_report(
         f"Data: {config.data.source}, {n} clients, {config.data.train_per_client} training and "
         f"{config.data.test_per_client} held-out images per client, {config.data.image_size}x"
         f"{config.data.image_size}. T={config.num_timesteps} ({config.beta_schedule}). "
-        f"Budgets: server {config.train.server_steps} steps, client {config.train.client_steps}, "
-        f"full-chain models {config.train.full_steps} (FedAvg: {config.train.fedavg_rounds} rounds), "
+        f"Budgets: {config.train.epochs:g} epochs over its data for every full-size model (local-only, "
+        f"centralised, FedAvg in {config.train.fedavg_rounds} rounds, the split arms' server) and "
+        f"{config.train.client_epochs:g} for each small client model, "
         f"batch {config.train.batch_size}. Sampling: {config.eval.sampler}, "
         f"{config.eval.samples_per_client} images per client. Seed {config.seed}.",
         "",

@@ -357,6 +357,10 @@ class Study:
             **extra,
         }
 
+    def _steps(self, images: int, epochs: float) -> int:
+        """Training steps for `epochs` passes over `images` images at the study's batch size."""
+        return max(1, math.ceil(epochs * images / self.config.train.batch_size))
+
     def _share(self, span: int) -> int:
         """Sampling steps for `span` timesteps of the chain: its share of eval.steps."""
         total = self.config.eval.steps
@@ -374,6 +378,8 @@ class Study:
         """Each client trains a full chain on its own data alone."""
         cfg, T = self.config, self.config.num_timesteps
         samples, train_s, synth_s = [], 0.0, 0.0
+        n_img = self.config.data.train_per_client
+        full_steps = self._steps(n_img, cfg.train.epochs)
         for i, share in enumerate(self.shares(arm.partition)):
             model, secs = self._train_local(
                 f"client-{i}",
@@ -381,7 +387,7 @@ class Study:
                 cfg.models.full,
                 share.train.images,
                 T,
-                cfg.train.full_steps,
+                full_steps,
                 cfg.seed + i,
             )
             train_s += secs
@@ -392,7 +398,7 @@ class Study:
         steps = len(self.diffusion.timesteps(T, 0, cfg.eval.steps)) - 1
         result = self._score(arm, samples)
         result["cost"] = self._cost(
-            client_train=train_f * cfg.train.full_steps,
+            client_train=train_f * full_steps,
             server_train=0,
             client_synth=fwd_f * steps,
             server_synth=0,
@@ -412,8 +418,9 @@ class Study:
             [torch.full((len(s.train.ids),), i, dtype=torch.long) for i, s in enumerate(shares)]
         )
         n = cfg.data.num_clients
+        steps_total = self._steps(images.shape[0], cfg.train.epochs)
         model, secs = self._train_local(
-            "central", arm, cfg.models.full, images, T, cfg.train.full_steps, cfg.seed, labels, n
+            "central", arm, cfg.models.full, images, T, steps_total, cfg.seed, labels, n
         )
         samples, synth_s = [], 0.0
         for i in range(n):
@@ -425,7 +432,7 @@ class Study:
         result = self._score(arm, samples)
         result["cost"] = self._cost(
             client_train=0,
-            server_train=train_f * cfg.train.full_steps,
+            server_train=train_f * steps_total,
             client_synth=0,
             server_synth=fwd_f * steps,
             client_train_s=0.0,
@@ -442,7 +449,7 @@ class Study:
         cfg, T = self.config, self.config.num_timesteps
         shares = self.shares(arm.partition)
         rounds = cfg.train.fedavg_rounds
-        local_steps = max(1, cfg.train.full_steps // rounds)
+        local_steps = max(1, self._steps(cfg.data.train_per_client, cfg.train.epochs) // rounds)
         global_path = self.work(arm) / "global.pt"
         torch.manual_seed(cfg.seed)
         global_model = build_unet(cfg.models.full, self.image)
@@ -518,6 +525,8 @@ class Study:
         n = len(shares)
         t_cut = self.diffusion.t_cut(arm.cut_ratio)
         cuts = self._cuts(arm, t_cut)
+        server_steps = self._steps(sum(c.shape[0] for c in cuts), cfg.train.epochs)
+        client_steps = self._steps(cfg.data.train_per_client, cfg.train.client_epochs)
         server_cfg = ServerConfig(
             schedule=self.schedule,
             image=self.image,
@@ -527,7 +536,7 @@ class Study:
                 batch_size=cfg.train.batch_size,
                 lr=cfg.train.lr,
                 seed=cfg.seed,
-                max_steps=cfg.train.server_steps,
+                max_steps=server_steps,
             ),
             policy=PolicyConfig(max_clients=n),
         )
@@ -540,14 +549,12 @@ class Study:
             torch.cat([torch.full((c.shape[0],), i, dtype=torch.long) for i, c in enumerate(cuts)]),
         )
         started = time.perf_counter()
-        every = max(1, cfg.train.server_steps // 4)
-        while trainer.step < cfg.train.server_steps:
+        every = max(1, server_steps // 4)
+        while trainer.step < server_steps:
             loss = trainer.train_step()
             if trainer.step % every == 0:
                 trainer.save()
-                self.say(
-                    f"    server: step {trainer.step}/{cfg.train.server_steps} loss {loss:.4f}"
-                )
+                self.say(f"    server: step {trainer.step}/{server_steps} loss {loss:.4f}")
         server_s = time.perf_counter() - started
         trainer.hub.publish(trainer.ema.state_dict(), trainer.step)
         clients, client_s = [], 0.0
@@ -558,7 +565,7 @@ class Study:
                 cfg.models.client,
                 share.train.images,
                 t_cut,
-                cfg.train.client_steps,
+                client_steps,
                 cfg.seed + i,
             )
             clients.append(model)
@@ -607,8 +614,8 @@ class Study:
         s_train, s_fwd = self._flops_of(cfg.models.server, n + 1)
         c_train, c_fwd = self._flops_of(cfg.models.client, None)
         result["cost"] = self._cost(
-            client_train=c_train * cfg.train.client_steps,
-            server_train=s_train * cfg.train.server_steps,
+            client_train=c_train * client_steps,
+            server_train=s_train * server_steps,
             client_synth=c_fwd * (len(self.diffusion.timesteps(t_cut, 0, self._share(t_cut))) - 1),
             server_synth=s_fwd * (len(steps) - 1),
             client_train_s=client_s / n,
@@ -629,6 +636,8 @@ class Study:
         t_cut = self.diffusion.t_cut(c)
         t_start = min(max(round((c + c * (1 - c)) * T), t_cut), T - 1)
         cuts = self._cuts(arm, t_cut)
+        server_steps = self._steps(sum(c.shape[0] for c in cuts), cfg.train.epochs)
+        client_steps = self._steps(cfg.data.train_per_client, cfg.train.client_epochs)
         labels = torch.cat(
             [torch.full((x.shape[0],), i, dtype=torch.long) for i, x in enumerate(cuts)]
         )
@@ -638,7 +647,7 @@ class Study:
             cfg.models.server,
             torch.cat(cuts),
             T,
-            cfg.train.server_steps,
+            server_steps,
             cfg.seed,
             labels,
             n + 1,
@@ -654,7 +663,7 @@ class Study:
                 cfg.models.client,
                 share.train.images,
                 t_start,
-                cfg.train.client_steps,
+                client_steps,
                 cfg.seed + i,
             )
             client_s += secs
@@ -687,8 +696,8 @@ class Study:
         s_train, s_fwd = self._flops_of(cfg.models.server, n + 1)
         c_train, c_fwd = self._flops_of(cfg.models.client, None)
         result["cost"] = self._cost(
-            client_train=c_train * cfg.train.client_steps,
-            server_train=s_train * cfg.train.server_steps,
+            client_train=c_train * client_steps,
+            server_train=s_train * server_steps,
             client_synth=c_fwd
             * (len(self.diffusion.timesteps(t_start, 0, self._share(t_start))) - 1),
             server_synth=s_fwd * (len(steps) - 1),
