@@ -149,17 +149,16 @@ def _plots(results: list[dict[str, Any]], out: Path, partition: str) -> list[str
     for r in mine:
         cost = r["cost"]["client_train_gflops"] + 1e-3
         marker = {"collafuse": "o", "heuristic": "s"}.get(r["arm"], "D")
-        reid = r.get("disclosure", {}).get("attack_reid")
-        ax.scatter(
-            cost,
-            r["fid_pooled"],
-            marker=marker,
-            s=60,
-            c=[reid if reid is not None else 1.0],
-            cmap="coolwarm",
-            vmin=0,
-            vmax=1,
+        # Colour by what the server can re-identify: local-only sends nothing (0), the centralised
+        # arm sends raw images (1); FedAvg's leakage through updates is not measured (grey).
+        known = {"local": 0.0, "centralised": 1.0}
+        reid = known.get(r["arm"], r.get("disclosure", {}).get("attack_reid"))
+        colour: dict[str, Any] = (
+            {"color": "tab:gray"}
+            if reid is None
+            else {"c": [reid], "cmap": "coolwarm", "vmin": 0, "vmax": 1}
         )
+        ax.scatter(cost, r["fid_pooled"], marker=marker, s=60, **colour)
         ax.annotate(
             _name(r), (cost, r["fid_pooled"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
         )
