@@ -118,7 +118,8 @@ def _plots(results: list[dict[str, Any]], out: Path, partition: str) -> list[str
         ax2.set_ylabel("re-identification rate")
         ax2.set_ylim(0, 1.05)
         ax.set_title(f"Disclosure to the server ({partition} split)")
-        fig.legend(fontsize=8, loc="upper right")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax2.legend(handles=handles, fontsize=8, loc="upper right")
         files.append(_save(fig, out / f"disclosure_vs_cut_{partition}.png"))
 
     # 3. Client compute against cut ratio.
