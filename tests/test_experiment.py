@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from collafuse.common.config import load_config
@@ -48,10 +49,12 @@ def _run(out: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=ENV,
-        timeout=900,
+        timeout=1500,
     )
 
 
+# About a minute on an idle 2-core machine; the limit leaves room for a busy one.
+@pytest.mark.timeout(1800)
 def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "smoke"
     first = _run(out)
