@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -48,6 +49,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--mixture", action="store_true", help="all clients' mixture")
     syn.set_defaults(func=run_synthesize)
 
+    fg = csub.add_parser("forget", help="ask the server to delete this client's cut images")
+    _sets(fg)
+    fg.set_defaults(func=run_forget)
+
     st = csub.add_parser("status", help="this client's status and release ledger")
     _sets(st)
     st.set_defaults(func=run_client_status)
@@ -55,7 +60,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ss = sub.add_parser("status", help="a server's status")
     ss.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     ss.add_argument("--insecure", action="store_true")
-    ss.add_argument("--tls-ca", type=Path)
+    ss.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
+    ss.add_argument("--tls-cert", type=Path, help="your certificate (mutual TLS)")
+    ss.add_argument("--tls-key", type=Path, help="your private key (mutual TLS)")
     ss.add_argument("--token-file", type=Path, help="a client token, for servers that need one")
     ss.set_defaults(func=run_server_status)
 
@@ -75,6 +82,7 @@ def run_client(args: argparse.Namespace) -> int:
     config = _client_config(args)
     if config.threads:
         torch.set_num_threads(config.threads)
+    os.umask(0o077)  # everything the daemon writes is private to its user
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -83,6 +91,23 @@ def run_client(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     return ClientDaemon(config, stop).run()
+
+
+def run_forget(args: argparse.Namespace) -> int:
+    """Delete this client's cut images on the server and record the answer in the ledger."""
+    from collafuse.client.daemon import ClientDaemon
+
+    result = ClientDaemon(_client_config(args)).forget()
+    print(
+        f"the server deleted {result.deleted} cut images (receipt {result.receipt}); "
+        + (
+            f"model versions {result.trained_from_version} to {result.trained_to_version} were "
+            "trained while they were in its pool and are not retrained"
+            if result.trained_to_version
+            else "no model version was trained on them"
+        )
+    )
+    return 0
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
@@ -136,7 +161,14 @@ def run_server_status(args: argparse.Namespace) -> int:
     from collafuse.client.remote import Remote, open_channel, read_token
 
     remote = Remote(
-        open_channel(args.server, args.insecure, args.tls_ca), read_token(args.token_file)
+        open_channel(
+            args.server,
+            args.insecure,
+            args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=read_token(args.token_file),
+        )
     )
     try:
         status = remote.status(timeout=10)

@@ -14,21 +14,22 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import torch
 
-from collafuse.client.ledger import Ledger
+from collafuse.client.ledger import Ledger, LedgerError, Release
 from collafuse.client.remote import Remote
 from collafuse.client.secret import image_noise, load_or_create_secret, wire_id
 from collafuse.client.trainer import LocalTrainer
 from collafuse.common.config import ClientConfig
 from collafuse.common.data import LocalData, load_local_data
 from collafuse.common.diffusion import Diffusion
-from collafuse.common.domain import CutBatch, Registration, Session, UploadResult
+from collafuse.common.domain import CutBatch, ForgetResult, Registration, Session, UploadResult
+from collafuse.common.files import private_dir
 
 log = logging.getLogger("collafuse.client")
 R = TypeVar("R")
@@ -89,7 +90,7 @@ class ClientDaemon:
     def __init__(self, config: ClientConfig, stop: threading.Event | None = None) -> None:
         self.config = config
         self.paths = state_paths(config)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir)  # ledger, secret and checkpoints: this user's only
         self.secret = load_or_create_secret(self.paths["secret"])
         self.ledger = Ledger(self.paths["ledger"])
         self.stop_event = stop or threading.Event()
@@ -99,6 +100,7 @@ class ClientDaemon:
         self.remote: Remote | None = None
         self.session: Session | None = None
         self._sent: list[tuple[int, str]] = []  # (ledger seq, wire id) of the current stream
+        self._ledger_error: LedgerError | None = None  # why the current stream's ledger refused
 
     # ----- status --------------------------------------------------------------------------
 
@@ -147,7 +149,13 @@ class ClientDaemon:
                 delay = min(delay * 2, self.config.max_backoff_s)
 
     def register(self) -> Session:
-        """Register (idempotent); the session carries the schedule and t_cut."""
+        """Register (idempotent); the session carries the schedule and this client's own t_cut.
+
+        The server only supplies the schedule, which the client checks against its hash; the
+        client then computes t_cut and the release SNR itself and refuses (ClientRefused,
+        nothing released) if the server's answer disagrees or the cut is cleaner than
+        config.max_release_snr allows (docs/design.md section 4, item 3).
+        """
         cfg = self.config
         reg = Registration(
             client_id=cfg.client_id,
@@ -156,13 +164,14 @@ class ClientDaemon:
             exposure=cfg.exposure,
             num_images=self.status.images,
         )
-        session = self._with_retry("register", lambda r: r.register(reg))
-        diffusion = Diffusion.from_config(session.schedule.config)
-        if diffusion.hash != session.schedule.hash:
+        answer = self._with_retry("register", lambda r: r.register(reg))
+        diffusion = Diffusion.from_config(answer.schedule.config)
+        if diffusion.hash != answer.schedule.hash:
             raise ClientRefused(
-                f"the server's schedule hash {session.schedule.hash} does not match the betas it "
+                f"the server's schedule hash {answer.schedule.hash} does not match the betas it "
                 f"describes ({diffusion.hash}); client and server code disagree"
             )
+        session = self._own_session(answer, diffusion)
         self.session = session
         self.paths["session"].write_text(
             json.dumps(
@@ -187,23 +196,76 @@ class ClientDaemon:
         )
         return session
 
+    def _own_session(self, answer: Session, diffusion: Diffusion) -> Session:
+        """The server's answer with t_cut and release SNR replaced by the client's own.
+
+        A server that answers with a smaller t_cut (or a schedule whose cut is nearly clean)
+        would otherwise receive the images barely noised; the client trusts only the schedule
+        it verified and its own configuration.
+        """
+        cfg = self.config
+        t_cut = diffusion.t_cut(cfg.cut_ratio)
+        snr = diffusion.snr(t_cut)
+        T = diffusion.num_timesteps
+        if snr > cfg.max_release_snr:
+            t_min = diffusion.equivalent_timestep(cfg.max_release_snr)
+            raise ClientRefused(
+                f"cut_ratio {cfg.cut_ratio} gives t_cut={t_cut} of T={T} on the server's "
+                f"schedule, with release SNR {snr:.3g} above this client's max_release_snr "
+                f"{cfg.max_release_snr:g}; nothing was released. Raise cut_ratio to at least "
+                f"{t_min / T:.3f} (t_cut >= {t_min}), or raise max_release_snr if you accept "
+                "cleaner releases"
+            )
+        if answer.t_cut != t_cut:
+            raise ClientRefused(
+                f"the server answered t_cut={answer.t_cut}, but cut_ratio {cfg.cut_ratio} on its "
+                f"own schedule (T={T}) gives t_cut={t_cut}; nothing was released. The server "
+                "is misconfigured or not to be trusted: check its version and policy"
+            )
+        # Both sides compute the SNR in float64 from the same betas; the wire carries a double.
+        if not math.isclose(answer.release_snr, snr, rel_tol=1e-9, abs_tol=1e-12):
+            raise ClientRefused(
+                f"the server reports release SNR {answer.release_snr:.6g} at t_cut={t_cut}, "
+                f"this client computes {snr:.6g} from the same schedule; nothing was released. "
+                "Client and server code disagree: check the server's version"
+            )
+        return replace(answer, t_cut=t_cut, release_snr=snr)
+
     # ----- upload --------------------------------------------------------------------------
+
+    def _releases(self, idx: list[int], cuts: torch.Tensor, t_cut: int) -> list[Release]:
+        """The ledger rows for the cut images cuts[idx]: ids, size and a hash of the bytes."""
+        per_image = 4 * math.prod(cuts.shape[1:])
+        return [
+            Release(
+                local_id=self.data.ids[i],
+                wire_id=wire_id(self.secret, self.data.ids[i]),
+                t_cut=t_cut,
+                bytes=per_image,
+                sha256=hashlib.sha256(cuts[i].numpy().tobytes()).hexdigest(),
+            )
+            for i in idx
+        ]
 
     def _batches(self, pending: list[int], cuts: torch.Tensor, t_cut: int) -> Iterator[CutBatch]:
         per_image = 4 * math.prod(cuts.shape[1:])
         per_msg = max(1, self.config.upload_chunk_bytes // per_image)
         for lo in range(0, len(pending), per_msg):
             idx = pending[lo : lo + per_msg]
-            part = cuts[idx]
-            local = [self.data.ids[i] for i in idx]
-            wire = [wire_id(self.secret, i) for i in local]
-            # The ledger row is written before the tensor leaves the machine.
-            rows = [
-                (lid, wid, t_cut, per_image, hashlib.sha256(part[k].numpy().tobytes()).hexdigest())
-                for k, (lid, wid) in enumerate(zip(local, wire, strict=True))
-            ]
-            self._sent.extend(zip(self.ledger.record(rows), wire, strict=True))
-            yield CutBatch(client_id=self.config.client_id, t_cut=t_cut, image_ids=wire, cuts=part)
+            releases = self._releases(idx, cuts, t_cut)
+            # The ledger row is written before the tensor leaves the machine; a retried stream
+            # gets the rows of its first try back, and a conflicting release stops the stream
+            # here, before this batch is yielded to gRPC.
+            try:
+                seqs = self.ledger.record(releases)
+            except LedgerError as exc:
+                self._ledger_error = exc
+                raise
+            wire = [r.wire_id for r in releases]
+            self._sent.extend(zip(seqs, wire, strict=True))
+            yield CutBatch(
+                client_id=self.config.client_id, t_cut=t_cut, image_ids=wire, cuts=cuts[idx]
+            )
 
     def upload(self, session: Session, everything: bool = False) -> None:
         """Upload every cut image the server has not acknowledged (all of them if everything)."""
@@ -215,15 +277,31 @@ class ClientDaemon:
         self.write_status(phase="uploading", uploaded=len(self.data.ids) - len(pending))
         if not pending:
             return
+        # The ledger must agree before anything is sent: an image it holds at another t_cut or
+        # with other bytes is never released again.
+        try:
+            self.ledger.check(self._releases(pending, cuts, session.t_cut))
+        except LedgerError as exc:
+            raise ClientRefused(f"nothing was uploaded: {exc}") from None
         log.info("uploading %d cut images at t_cut=%d", len(pending), session.t_cut)
 
         def attempt(remote: Remote) -> UploadResult:
             self._sent = []  # a retried stream starts over; the server de-duplicates by id
-            return remote.upload(self._batches(pending, cuts, session.t_cut))
+            self._ledger_error = None
+            try:
+                return remote.upload(self._batches(pending, cuts, session.t_cut))
+            except grpc.RpcError:
+                # gRPC turns an exception in the request iterator into a CANCELLED call; report
+                # the ledger's reason instead of that.
+                if self._ledger_error is not None:
+                    raise ClientRefused(f"upload stopped: {self._ledger_error}") from None
+                raise
 
         result = self._with_retry("upload", attempt)
         refused = {rid for rid, _ in result.rejections}
-        self.ledger.acknowledge([seq for seq, wid in self._sent if wid not in refused])
+        self.ledger.acknowledge(
+            [seq for seq, wid in self._sent if wid not in refused], result.receipt
+        )
         summary = self.ledger.summary()
         self.write_status(
             uploaded=summary.images_acknowledged,
@@ -290,11 +368,21 @@ class ClientDaemon:
                 self.remote.close()
             self.ledger.close()
 
+    def forget(self) -> ForgetResult:
+        """Ask the server to delete our cut images; the ledger records its answer."""
+        result = self._with_retry("forget", lambda r: r.forget(self.config.client_id))
+        self.ledger.record_forget(
+            result.deleted, result.trained_from_version, result.trained_to_version, result.receipt
+        )
+        return result
+
     def heartbeat(self, session: Session) -> None:
         """Check in with the server; re-upload if it lost what it had acknowledged."""
         status = self._with_retry("status", lambda r: r.status())
         ours = next((p for p in status.pools if p.client_id == self.config.client_id), None)
         self.write_status(server_model_version=status.model_version)
+        if self.ledger.forgotten():
+            return  # the server deleted our images at our request: never send them again
         if ours is None or ours.num_images < self.status.uploaded:
             # The server lost our registration or pool (e.g. a new data dir): release the same
             # fixed-exposure tensors again; the server de-duplicates by id.

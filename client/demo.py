@@ -23,6 +23,7 @@ from typing import Any
 
 from collafuse.client.ledger import Ledger
 from collafuse.client.remote import Remote, open_channel
+from collafuse.common import pki
 from collafuse.common.config import ClientConfig, ServerConfig, load_config
 from collafuse.common.domain import ServerStatus
 
@@ -48,6 +49,11 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
     p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC on loopback instead of mutual TLS with identities it provisions",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier demo in --out (its files only)"
     )
@@ -120,13 +126,44 @@ def _unet(width: int, levels: int, attention: bool) -> dict[str, Any]:
     }
 
 
-def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]]:
-    """The server's and each client's TOML, as a user would write them."""
+ADMIN = "demo-admin"
+
+
+def provision(out: Path, clients: int) -> dict[str, dict[str, str]]:
+    """A CA, a server certificate for loopback and one kit per client plus an admin kit.
+
+    Returns the TLS settings for the server and for each identity, as config entries.
+    """
+    ca_dir = out / "pki" / "ca"
+    pki.init_ca(ca_dir, name="CollaFuse demo CA")
+    srv = pki.issue_server(ca_dir, ["127.0.0.1", "localhost"], out / "pki" / "server")
+    tls = {
+        "server": {
+            "tls_cert": str(srv.cert),
+            "tls_key": str(srv.key),
+            "tls_client_ca": str(srv.ca_cert),
+            "tls_revoked": str(ca_dir / pki.REVOKED),
+        }
+    }
+    for name in [f"client-{i}" for i in range(clients)] + [ADMIN]:
+        kit = pki.issue_client(ca_dir, name, out / "pki" / name)
+        tls[name] = {
+            "tls_ca": str(kit.ca_cert),
+            "tls_cert": str(kit.cert),
+            "tls_key": str(kit.key),
+        }
+    return tls
+
+
+def write_configs(
+    args: argparse.Namespace, out: Path, tls: dict[str, dict[str, str]] | None = None
+) -> tuple[Path, list[Path]]:
+    """The server's and each client's TOML, as a user would write them (TLS when tls given)."""
     size = 28 if args.data == "fashion-mnist" else 8
-    server = {
+    server: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "data_dir": str(out / "server"),
-        "insecure": True,
+        **({"insecure": True} if tls is None else {**tls["server"], "admins": [ADMIN]}),
         # One thread per process: the server and the clients share the machine, and
         # oversubscribed torch threads slow everyone down.
         "threads": 1,
@@ -146,10 +183,10 @@ def write_configs(args: argparse.Namespace, out: Path) -> tuple[Path, list[Path]
     server_path.write_text(_toml(server))
     clients = []
     for i in range(args.clients):
-        cfg = {
+        cfg: dict[str, Any] = {
             "client_id": f"client-{i}",
             "server": "SET-AT-RUN-TIME",
-            "insecure": True,
+            **({"insecure": True} if tls is None else tls[f"client-{i}"]),
             "state_dir": str(out / "clients" / f"client-{i}"),
             "cut_ratio": args.cut_ratio,
             "exit_when_done": True,
@@ -219,7 +256,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.clients < 1:
         raise ValueError("--clients must be at least 1")
     out: Path = args.out
-    earlier = [out / name for name in ("server", "clients", "samples", "logs")]
+    earlier = [out / name for name in ("server", "clients", "samples", "logs", "pki")]
     if any(old.exists() for old in earlier):
         if not args.overwrite:
             raise ValueError(
@@ -228,12 +265,17 @@ def run_demo(args: argparse.Namespace) -> int:
         for old in earlier:
             shutil.rmtree(old, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    server_toml, client_tomls = write_configs(args, out)
+    tls = None if args.insecure else provision(out, args.clients)
+    server_toml, client_tomls = write_configs(args, out, tls)
     server_cfg = load_config(ServerConfig, server_toml)
     times: dict[str, float] = {}
     t0 = time.monotonic()
     procs: list[Proc] = []
-    print(f"CollaFuse demo: 1 server + {args.clients} clients on loopback; output in {out}")
+    security = "plaintext" if tls is None else "mutual TLS, identities in " + str(out / "pki")
+    print(
+        f"CollaFuse demo: 1 server + {args.clients} clients on loopback ({security}); "
+        f"output in {out}"
+    )
     try:
         server = _spawn("server", ["server", "--config", str(server_toml)], out / "logs")
         procs.append(server)
@@ -248,7 +290,16 @@ def run_demo(args: argparse.Namespace) -> int:
                     out / "logs",
                 )
             )
-        remote = Remote(open_channel(address, insecure=True))
+        admin = {} if tls is None else tls[ADMIN]
+        remote = Remote(
+            open_channel(
+                address,
+                insecure=tls is None,
+                tls_ca=Path(admin["tls_ca"]) if admin else None,
+                tls_cert=Path(admin["tls_cert"]) if admin else None,
+                tls_key=Path(admin["tls_key"]) if admin else None,
+            )
+        )
         client_dirs = [out / "clients" / f"client-{i}" for i in range(args.clients)]
         status: ServerStatus | None = None
         last_print = 0.0

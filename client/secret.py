@@ -11,17 +11,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from collafuse.common.files import private_dir, read_private_bytes
+
 SECRET_BYTES = 32
 
 
 def load_or_create_secret(path: Path) -> bytes:
     """Read the secret, or create it (mode 0600) on first use."""
     if path.exists():
-        data = path.read_bytes()
+        data = read_private_bytes(path, "client secret")
         if len(data) != SECRET_BYTES:
             raise ValueError(f"secret file {path} is corrupt: expected {SECRET_BYTES} bytes")
         return data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     data = secrets.token_bytes(SECRET_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:

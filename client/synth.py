@@ -15,7 +15,7 @@ from collafuse.client.remote import Remote
 from collafuse.client.trainer import load_client_model
 from collafuse.common.config import ClientConfig, ScheduleConfig
 from collafuse.common.diffusion import Diffusion, SamplerKind
-from collafuse.common.domain import SynthesisRequest
+from collafuse.common.domain import SynthesisChunk, SynthesisRequest
 from collafuse.common.images import save_grid, save_pngs
 from collafuse.common.nets import UNetDenoiser
 
@@ -40,23 +40,60 @@ class SynthesisResult:
 def receive_cut_samples(
     remote: Remote, req: SynthesisRequest, t_cut: int, shape: tuple[int, ...]
 ) -> tuple[Tensor, int]:
-    """Collect the streamed x_{t_cut}, checking every chunk's timestep, offset and shape."""
+    """Collect the streamed x_{t_cut}, checking every chunk's timestep, offset, count and shape.
+
+    A chunk that breaks the protocol stops the stream at once: no further chunk is read and
+    the stream is closed (which cancels the call), so a server cannot make this client buffer
+    more than the n samples it asked for.
+    """
+    stream = remote.synthesize(req)
     parts: list[Tensor] = []
     got = 0
     version = 0
-    for chunk in remote.synthesize(req):
-        if chunk.timestep != t_cut:
-            raise SynthesisError(
-                f"server sent timestep {chunk.timestep}, this client's t_cut is {t_cut}"
-            )
-        if chunk.offset != got or chunk.total != req.n or tuple(chunk.samples.shape[1:]) != shape:
-            raise SynthesisError("server sent chunks out of order or of the wrong shape")
-        parts.append(chunk.samples)
-        got += chunk.samples.shape[0]
-        version = chunk.model_version
+    try:
+        for chunk in stream:
+            _check_chunk(chunk, req, got, t_cut, shape)
+            parts.append(chunk.samples)
+            got += chunk.samples.shape[0]
+            version = chunk.model_version
+    finally:
+        # Closing the generator drops the gRPC call mid-stream; a no-op once it has ended.
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
     if got != req.n:
-        raise SynthesisError(f"server sent {got} samples, {req.n} were asked for")
+        raise SynthesisError(f"server ended the stream after {got} samples, {req.n} were asked for")
     return torch.cat(parts), version
+
+
+def _check_chunk(
+    chunk: SynthesisChunk, req: SynthesisRequest, got: int, t_cut: int, shape: tuple[int, ...]
+) -> None:
+    """Raise SynthesisError unless `chunk` is the next valid piece after `got` samples."""
+    if chunk.timestep != t_cut:
+        raise SynthesisError(
+            f"server sent timestep {chunk.timestep}, this client's t_cut is {t_cut}"
+        )
+    if chunk.total != req.n:
+        raise SynthesisError(f"server announced {chunk.total} samples, {req.n} were asked for")
+    if chunk.offset != got:
+        raise SynthesisError(
+            f"server sent a chunk at offset {chunk.offset}, the next sample is {got}"
+        )
+    if tuple(chunk.samples.shape[1:]) != tuple(shape):
+        raise SynthesisError(
+            f"server sent samples of shape {list(chunk.samples.shape[1:])}, this client's "
+            f"images have shape {list(shape)}"
+        )
+    count = int(chunk.samples.shape[0])
+    # An empty chunk would let a server keep the stream going forever without passing n.
+    if count < 1:
+        raise SynthesisError("server sent an empty chunk")
+    if got + count > req.n:
+        raise SynthesisError(
+            f"server sent {got + count} or more samples, {req.n} were asked for; the stream "
+            "was cut off"
+        )
 
 
 def synthesize(

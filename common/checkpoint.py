@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from collafuse.common.files import private_dir
+
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write `state` so that `path` holds either the old or the new checkpoint, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

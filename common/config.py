@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -117,7 +118,7 @@ class ServerTrainConfig(_Frozen):
 
 
 class PolicyConfig(_Frozen):
-    """What the server refuses, to keep the privacy contract (DESIGN section 4)."""
+    """What the server refuses, to keep the privacy contract (docs/design.md section 4)."""
 
     max_release_snr: float = Field(default=1.0, gt=0)
     """Largest signal-to-noise ratio abar/(1-abar) a cut may have. The default 1.0 means the
@@ -131,6 +132,27 @@ class PolicyConfig(_Frozen):
     """Quota of cut images per client."""
     max_synthesize_n: int = Field(default=1024, ge=1)
     """Largest n a Synthesize request may ask for."""
+    allow_mixture: bool = False
+    """Whether a client may sample the mixture of all clients' distributions. Off by default:
+    the mixture carries what the server learnt from the other clients' images."""
+
+
+class LimitsConfig(_Frozen):
+    """Bounds that keep one caller from starving the others; a refusal is RESOURCE_EXHAUSTED."""
+
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    """Calls the server handles at once, all callers together; more are refused at once."""
+    max_streams_per_client: int = Field(default=4, ge=1)
+    """Open UploadCuts and Synthesize streams per identity."""
+    idle_timeout_s: float = Field(default=30.0, gt=0)
+    """A call whose next request message does not arrive within this many seconds is closed,
+    so calls that send headers and then nothing hold no slot for long."""
+    rate_per_s: float = Field(default=20.0, gt=0)
+    """Calls per second per identity, refilled continuously (token bucket)."""
+    rate_burst: int = Field(default=40, ge=1)
+    """Calls an identity may make at once before rate_per_s applies."""
+    max_rejected_per_upload: int = Field(default=64, ge=1)
+    """An upload stream is aborted once the guard has refused this many of its images."""
 
 
 class SamplerConfig(_Frozen):
@@ -153,9 +175,22 @@ class ServerConfig(_Frozen):
     """PEM certificate chain for TLS."""
     tls_key: Path | None = None
     """PEM private key for TLS."""
+    tls_client_ca: Path | None = None
+    """PEM certificate of the CA that issues client certificates (`collafuse pki init`). When
+    set, every client must present a certificate it signed (mutual TLS); the certificate's
+    common name is the caller's identity."""
+    tls_revoked: Path | None = None
+    """Denylist of revoked certificates (`collafuse pki revoke`): sha256 fingerprints, one a
+    line. Re-read whenever the file changes, so a revocation needs no restart."""
+    allow_insecure_remote: bool = False
+    """Allow `insecure` on an address other than loopback (a private test network only)."""
     auth_tokens: Path | None = None
-    """TOML file of `client_id = "sha256:<hex>"` lines (from `collafuse token`). When set, every
-    call must carry its client's token and may act only as that client."""
+    """TOML file of `client_id = "sha256:<hex>"` lines (from `collafuse token`), or tables
+    `[client_id]` with `hash` and an optional `expires` date-time. When set, every call must
+    carry its client's token as call credentials and may act only as that client. Re-read on
+    SIGHUP."""
+    admins: tuple[str, ...] = ()
+    """Identities (certificate names or token owners) that may read every client's status."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; auto takes CUDA when present."""
     threads: int = Field(default=0, ge=0)
@@ -172,6 +207,22 @@ class ServerConfig(_Frozen):
     """Privacy and quota policy."""
     sampler: SamplerConfig = SamplerConfig()
     """Synthesis batching."""
+    limits: LimitsConfig = LimitsConfig()
+    """Per-caller limits."""
+
+    @model_validator(mode="after")
+    def _transport(self) -> ServerConfig:
+        tls = [n for n in ("tls_cert", "tls_key", "tls_client_ca") if getattr(self, n)]
+        if self.insecure and tls:
+            raise ValueError(
+                f"insecure contradicts {', '.join(tls)}: choose plaintext (--insecure) or TLS"
+            )
+        if self.insecure and not self.allow_insecure_remote and not is_loopback(self.listen):
+            raise ValueError(
+                f"insecure (plaintext) serving is for loopback only, and {self.listen} is not "
+                "loopback: use TLS, or also set allow_insecure_remote on a private test network"
+            )
+        return self
 
 
 class DataConfig(_Frozen):
@@ -273,12 +324,20 @@ class ClientConfig(_Frozen):
     """Talk plaintext gRPC (loopback and tests only); otherwise TLS, trusting tls_ca."""
     tls_ca: Path | None = None
     """PEM root certificates to trust; default is the system's."""
+    tls_cert: Path | None = None
+    """PEM certificate of this client (from `collafuse pki issue`), for mutual TLS."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert; must not be readable by group or others."""
     auth_token_file: Path | None = None
     """File holding this client's token, for servers that require one; keep it private."""
     state_dir: Path = Path("collafuse-client")
     """Where the secret, ledger, checkpoints and status live."""
     cut_ratio: float = Field(default=0.3, gt=0, lt=1)
     """Share c of the chain run on the client: t_cut = round(c * T)."""
+    max_release_snr: float = Field(default=1.0, gt=0)
+    """The largest SNR abar/(1-abar) this client will ever release, whatever a server says: it
+    computes its own t_cut from the schedule it verified and refuses to upload when that cut's
+    SNR is higher. The default 1.0 keeps at least as much noise power as image power."""
     exposure: Literal["fixed"] = "fixed"
     """fixed: each image is released once, at t_cut, however long training runs."""
     image: ImageConfig = ImageConfig()
@@ -301,6 +360,17 @@ class ClientConfig(_Frozen):
     """Seconds between status checks while idle."""
     max_backoff_s: float = Field(default=10.0, gt=0)
     """Longest wait between reconnect attempts."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names this machine only (127.0.0.0/8, ::1 or localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 M = TypeVar("M", bound=BaseModel)

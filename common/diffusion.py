@@ -1,4 +1,4 @@
-"""Stateless DDPM math for the exact CollaFuse split (DESIGN section 2); the network is an argument.
+"""Stateless DDPM math of the exact CollaFuse split (docs/design.md §2); the network is an argument.
 
 Timesteps are integers in 1..T and always tensors of shape (B,): every sample of a batch may sit
 at its own timestep. Index 0 stands for clean data (abar_0 = 1), so a chain that ends at 0 ends

@@ -61,6 +61,7 @@ class UploadResult:
     rejected: int = 0
     rejections: list[tuple[str, str]] = field(default_factory=list)
     pool_size: int = 0
+    receipt: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,14 @@ class ServerStatus:
     model_parameters: int
     requests_served: int
     schedule: ScheduleInfo
+    nonfinite_steps: int = 0
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """What the server deleted for a Forget call, and which model versions saw the images."""
+
+    deleted: int
+    trained_from_version: int
+    trained_to_version: int
+    receipt: str = ""

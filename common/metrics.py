@@ -6,7 +6,7 @@ Inception-v3 features from a weights file the user supplies. Numbers from the tw
 are not comparable with each other, and neither is comparable with FIDs published on Inception
 features of other data sets; compare runs scored with the same extractor only.
 
-Disclosure (DESIGN.md section 4): per-image reconstruction PSNR/SSIM of what an attacker rebuilt
+Disclosure (docs/design.md §4): per-image reconstruction PSNR/SSIM of what an attacker rebuilt
 from the cut images, the re-identification rate of those reconstructions among the client's
 images and distractors, and `kid_between`, the paper's KID between what the server saw at the cut
 and the client's training images.

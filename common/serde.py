@@ -17,6 +17,7 @@ from collafuse.common.config import ScheduleConfig
 from collafuse.common.domain import (
     ClientPool,
     CutBatch,
+    ForgetResult,
     Registration,
     ScheduleInfo,
     ServerStatus,
@@ -211,6 +212,7 @@ def upload_result_to_proto(r: UploadResult) -> pb.UploadCutsResponse:
         rejected=r.rejected,
         rejections=[pb.Rejection(image_id=i, reason=why) for i, why in r.rejections[:100]],
         pool_size=r.pool_size,
+        receipt=r.receipt,
     )
 
 
@@ -222,6 +224,7 @@ def upload_result_from_proto(msg: pb.UploadCutsResponse) -> UploadResult:
         rejected=int(msg.rejected),
         rejections=[(r.image_id, r.reason) for r in msg.rejections],
         pool_size=int(msg.pool_size),
+        receipt=msg.receipt,
     )
 
 
@@ -313,6 +316,7 @@ def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
         model_parameters=s.model_parameters,
         requests_served=s.requests_served,
         schedule=schedule_to_proto(s.schedule),
+        nonfinite_steps=s.nonfinite_steps,
     )
 
 
@@ -331,9 +335,43 @@ def status_from_proto(msg: pb.GetStatusResponse) -> ServerStatus:
         model_parameters=int(msg.model_parameters),
         requests_served=int(msg.requests_served),
         schedule=schedule_from_proto(msg.schedule),
+        nonfinite_steps=int(msg.nonfinite_steps),
     )
 
 
 def status_request() -> pb.GetStatusRequest:
     """An empty status request."""
     return pb.GetStatusRequest()
+
+
+# ----- forget ------------------------------------------------------------------------------
+
+
+def forget_request_to_proto(client_id: str) -> pb.ForgetRequest:
+    """Ask the server to delete this client's cut images."""
+    return pb.ForgetRequest(client_id=client_id)
+
+
+def forget_request_from_proto(msg: pb.ForgetRequest) -> str:
+    """The client id whose cut images are to be deleted."""
+    return check_client_id(msg.client_id)
+
+
+def forget_result_to_proto(r: ForgetResult) -> pb.ForgetResponse:
+    """Encode the answer to Forget."""
+    return pb.ForgetResponse(
+        deleted=r.deleted,
+        trained_from_version=r.trained_from_version,
+        trained_to_version=r.trained_to_version,
+        receipt=r.receipt,
+    )
+
+
+def forget_result_from_proto(msg: pb.ForgetResponse) -> ForgetResult:
+    """Decode the answer to Forget."""
+    return ForgetResult(
+        deleted=int(msg.deleted),
+        trained_from_version=int(msg.trained_from_version),
+        trained_to_version=int(msg.trained_to_version),
+        receipt=msg.receipt,
+    )

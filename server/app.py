@@ -1,23 +1,35 @@
-"""Assembles and runs one CollaFuse server process: pool, trainer, sampler, gRPC service."""
+"""Assembles and runs one CollaFuse server process: pool, trainer, sampler, gRPC service.
+
+gRPC runs on asyncio in a thread of its own, so a call that waits (a slow upload, a half-open
+stream, a long synthesis) holds no thread; the trainer and the sampler have their threads.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from concurrent import futures
+import threading
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
-from collafuse.common.config import ServerConfig
+from collafuse.common.config import ServerConfig, is_loopback
 from collafuse.common.diffusion import Diffusion
+from collafuse.common.files import InsecureFileError, private_dir, read_private_bytes
 from collafuse.common.limits import server_options
 from collafuse.common.nets import pick_device
+from collafuse.server.audit import AuditLog, ReceiptSigner
 from collafuse.server.auth import Authenticator
+from collafuse.server.interceptor import Gate
 from collafuse.server.pool import Pool
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.service import CollaFuseService
@@ -27,10 +39,31 @@ from collafuse.v1 import collafuse_pb2_grpc as pb_grpc
 
 log = logging.getLogger("collafuse.server")
 SERVICE_NAME = "collafuse.v1.CollaFuse"
+T = TypeVar("T")
 
 
 class StartupError(RuntimeError):
     """The server cannot start as configured; the message says what to change."""
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread, driven from synchronous code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @dataclass
@@ -39,12 +72,16 @@ class RunningServer:
 
     config: ServerConfig
     port: int
-    grpc_server: grpc.Server
+    grpc_server: grpc.aio.Server
     service: CollaFuseService
     trainer: Trainer
     sampler: BatchingSampler
     pool: Pool
-    health: health.HealthServicer
+    health: HealthServicer
+    auth: Authenticator
+    gate: Gate
+    audit: AuditLog
+    _loop: _LoopThread
 
     @property
     def address(self) -> str:
@@ -53,44 +90,80 @@ class RunningServer:
         return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
 
     def stop(self, grace: float = 2.0) -> None:
-        """Stop serving, then stop the trainer (final checkpoint) and the sampler."""
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        """Stop serving within `grace` seconds, then stop the trainer (final checkpoint)."""
+        try:
+            self._loop.run(self._stop_serving(grace), timeout=grace + 10)
+        except Exception:  # a stuck stream must not keep the checkpoint from being written
+            log.exception("gRPC shutdown did not finish; continuing")
         self.trainer.stop()
         self.sampler.stop()
         self.pool.close()
+        self.audit.close()
+        self._loop.close()
+
+    async def _stop_serving(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
 
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
-        self.grpc_server.wait_for_termination()
+        self._loop.run(self.grpc_server.wait_for_termination())
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials (mutual when tls_client_ca is set), or None for loopback plaintext."""
     if config.insecure:
+        if config.auth_tokens is not None and not is_loopback(config.listen):
+            raise StartupError(
+                "auth_tokens over plaintext would expose the tokens on the network; "
+                "serve TLS, or use tokens with --insecure on loopback only"
+            )
         return None
     if config.tls_cert is None or config.tls_key is None:
         raise StartupError(
-            "TLS needs tls_cert and tls_key (PEM files); pass --tls-cert/--tls-key, "
-            "or --insecure for plaintext on a trusted network such as loopback"
+            "TLS needs tls_cert and tls_key (PEM files, e.g. from `collafuse pki issue-server`); "
+            "pass --tls-cert/--tls-key, or --insecure for plaintext on loopback"
+        )
+    if config.tls_client_ca is None and config.auth_tokens is None:
+        raise StartupError(
+            "a TLS server must know its clients: set tls_client_ca (mutual TLS with "
+            "certificates from `collafuse pki issue`) or auth_tokens (from `collafuse token`)"
         )
     try:
-        return grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
-        )
+        key = read_private_bytes(config.tls_key, "TLS private key")
+        cert = config.tls_cert.read_bytes()
+        roots = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    except InsecureFileError as exc:
+        raise StartupError(str(exc)) from None
     except OSError as exc:
         raise StartupError(f"cannot read TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def _authenticator(config: ServerConfig) -> Authenticator:
+    try:
+        return Authenticator(
+            mutual_tls=config.tls_client_ca is not None,
+            token_file=config.auth_tokens,
+            revoked=config.tls_revoked,
+            admins=config.admins,
+        )
+    except (ValueError, OSError) as exc:
+        raise StartupError(str(exc)) from None
 
 
 def start_server(
-    config: ServerConfig, interceptors: list[grpc.ServerInterceptor] | None = None
+    config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
 ) -> RunningServer:
     """Open the data dir, resume from its checkpoint, and start serving."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
-    data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
     credentials = _credentials(config)
+    auth = _authenticator(config)
+    device = pick_device(config.device)
+    data_dir = private_dir(config.data_dir)
     diffusion = Diffusion.from_config(config.schedule)
     pool = Pool(data_dir / "pool.sqlite")
     try:
@@ -99,43 +172,56 @@ def start_server(
         pool.close()
         raise StartupError(str(exc)) from None
     sampler = BatchingSampler(diffusion, trainer.hub, config.sampler.max_batch, device)
+    audit = AuditLog(data_dir / "audit.log")
+    receipts = ReceiptSigner(data_dir / "receipt.key")
+    service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, receipts)
+    gate = Gate(auth, config.limits, audit)
+    loop = _LoopThread()
+
+    async def build() -> tuple[grpc.aio.Server, HealthServicer, int]:
+        server = grpc.aio.server(
+            options=server_options(),
+            interceptors=[gate, *interceptors],
+            maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+        )
+        pb_grpc.add_CollaFuseServicer_to_server(CollaFuseServicer(service), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        if credentials is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, credentials)
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server, health, port
+
     try:
-        auth = Authenticator.from_file(config.auth_tokens)
-    except ValueError as exc:
+        server, health, port = loop.run(build(), timeout=60)
+    except Exception as exc:
+        loop.close()
         pool.close()
-        raise StartupError(str(exc)) from None
-    service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, auth)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-        options=server_options(),
-        interceptors=interceptors or [],
-    )
-    pb_grpc.add_CollaFuseServicer_to_server(CollaFuseServicer(service), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
-        pool.close()
-        raise StartupError(f"cannot listen on {config.listen} (address in use or invalid?)")
+        audit.close()
+        raise StartupError(f"cannot listen on {config.listen}: {exc}") from None
     sampler.start()
     trainer.start()
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(config, port, server, service, trainer, sampler, pool, health_servicer)
+    running = RunningServer(
+        config, port, server, service, trainer, sampler, pool, health, auth, gate, audit, loop
+    )
     # The chosen port, for scripts that started us on port 0.
     info = {"address": running.address, "port": port, "pid": os.getpid()}
     tmp = data_dir / "server.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.replace(data_dir / "server.json")
+    if credentials is None:
+        transport = "plaintext on loopback" if is_loopback(config.listen) else "PLAINTEXT"
+    else:
+        transport = "mutual TLS" if config.tls_client_ca else "TLS"
     log.info(
         "serving on %s (%s%s, %s, %d parameters, step %d)",
         running.address,
-        "insecure" if credentials is None else "TLS",
-        ", client tokens required" if auth.enabled else "",
+        transport,
+        ", client tokens required" if config.auth_tokens else "",
         device,
         trainer.num_parameters,
         trainer.step,

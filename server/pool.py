@@ -156,6 +156,18 @@ class Pool:
                 raise
         return accepted, len(image_ids) - accepted
 
+    def forget(self, client_id: str) -> int:
+        """Delete every cut image of a client (committed before returning); returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute("DELETE FROM cuts WHERE client_id=?", (client_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(cur.rowcount)
+
     def pools(self) -> list[ClientPool]:
         """Per-client pool sizes."""
         with self._lock:

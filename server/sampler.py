@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +52,16 @@ class Job:
     error: BaseException | None = None
     cancelled: bool = False
     model_version: int = 0
+    # Called from the sampler thread once the job is done (an asyncio server wakes its handler).
+    on_done: list[Callable[[], object]] = field(default_factory=list)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Mark the job done (failed when error is given) and notify whoever waits."""
+        if error is not None:
+            self.error = error
+        self.done.set()
+        for notify in self.on_done:
+            notify()
 
     @property
     def n(self) -> int:
@@ -140,13 +150,11 @@ class BatchingSampler:
             except Exception as exc:  # fail these requests, keep serving others
                 log.exception("sampler step failed")
                 for job in batch:
-                    job.error = exc
-                    job.done.set()
+                    job.finish(exc)
             finished = [j for j in batch if j.done.is_set()]
             active = [j for j in active if j not in finished]
         for job in active:
-            job.error = RuntimeError("server is shutting down")
-            job.done.set()
+            job.finish(RuntimeError("server is shutting down"))
 
     def _step(self, batch: list[Job]) -> None:
         """One network call for every job in the batch, then each job's own update."""
@@ -177,4 +185,4 @@ class BatchingSampler:
             job.pos += 1
             job.model_version = version
             if job.pos == len(job.timesteps) - 1:
-                job.done.set()
+                job.finish()

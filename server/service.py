@@ -1,12 +1,17 @@
-"""Server request handling on domain objects; the gRPC servicer only converts and maps errors."""
+"""Server request handling on domain objects; the gRPC servicer only converts and maps errors.
+
+Every method takes the caller's Identity, established by the gate before the handler ran.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +19,7 @@ from collafuse.common.config import ServerConfig
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import (
     CutBatch,
+    ForgetResult,
     Registration,
     ScheduleInfo,
     ServerStatus,
@@ -23,9 +29,10 @@ from collafuse.common.domain import (
     UploadResult,
 )
 from collafuse.common.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
-from collafuse.server.auth import Authenticator
+from collafuse.server.audit import ReceiptSigner
+from collafuse.server.auth import Identity
 from collafuse.server.policy import Policy, PolicyError, Refusal
-from collafuse.server.pool import Pool, PoolFullError
+from collafuse.server.pool import ClientRecord, Pool, PoolFullError
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.trainer import Trainer, unconditional_label
 
@@ -53,10 +60,10 @@ class CollaFuseService:
         trainer: Trainer,
         sampler: BatchingSampler,
         device: torch.device,
-        auth: Authenticator | None = None,
+        receipts: ReceiptSigner,
     ) -> None:
         self.config = config
-        self.auth = auth or Authenticator()
+        self.receipts = receipts
         self.diffusion = diffusion
         self.pool = pool
         self.trainer = trainer
@@ -67,10 +74,19 @@ class CollaFuseService:
         self.started = time.monotonic()
         self.counters = Counters()
 
-    def register(self, reg: Registration, caller: str | None = None) -> Session:
+    def _registered(self, client_id: str) -> ClientRecord:
+        record = self.pool.client(client_id)
+        if record is None:
+            raise PolicyError(
+                Refusal.FAILED_PRECONDITION,
+                f"client {client_id} is not registered; call Register first",
+            )
+        return record
+
+    def register(self, reg: Registration, caller: Identity) -> Session:
         """Admit a client (idempotent) and tell it the schedule and its t_cut."""
         self.counters.requests += 1
-        self.auth.check(caller, reg.client_id)
+        caller.check_acts_as(reg.client_id)
         t_cut = self.policy.check_registration(reg)
         try:
             record = self.pool.register(
@@ -90,77 +106,37 @@ class CollaFuseService:
             release_snr=self.diffusion.snr(t_cut),
         )
 
-    def upload(self, batches: Iterable[CutBatch], caller: str | None = None) -> UploadResult:
-        """Store cut images that pass the guard; each message is durable before the next."""
+    def open_upload(self, caller: Identity) -> UploadStream:
+        """State of one upload stream; feed it each message as it arrives."""
         self.counters.requests += 1
-        accepted = duplicate = 0
-        rejections: list[tuple[str, str]] = []
-        client_id = ""
-        for batch in batches:
-            if client_id and batch.client_id != client_id:
-                raise PolicyError(Refusal.INVALID_ARGUMENT, "one upload stream carries one client")
-            client_id = batch.client_id
-            self.auth.check(caller, client_id)
-            record = self.pool.client(client_id)
-            if record is None:
-                raise PolicyError(
-                    Refusal.FAILED_PRECONDITION,
-                    f"client {client_id} is not registered; call Register first",
-                )
-            verdicts = self.policy.check_batch(batch, record.t_cut)
-            keep = [i for i, v in enumerate(verdicts) if v is None]
-            rejections += [(batch.image_ids[i], v) for i, v in enumerate(verdicts) if v is not None]
-            if not keep:
-                continue
-            held = self.pool.count(client_id)
-            if held + len(keep) > self.config.policy.max_images_per_client:
-                raise PolicyError(
-                    Refusal.RESOURCE_EXHAUSTED,
-                    f"client {client_id} holds {held} images; {len(keep)} more exceed the quota "
-                    f"of {self.config.policy.max_images_per_client}",
-                )
-            a, d = self.pool.add(
-                client_id, record.t_cut, [batch.image_ids[i] for i in keep], batch.cuts[keep]
-            )
-            accepted += a
-            duplicate += d
-        self.counters.accepted += accepted
-        self.counters.rejected += len(rejections)
-        if rejections:
-            log.warning(
-                "refused %d images from %s: %s", len(rejections), client_id, rejections[0][1]
-            )
-        return UploadResult(
-            accepted=accepted,
-            duplicate=duplicate,
-            rejected=len(rejections),
-            rejections=rejections,
-            pool_size=self.pool.count(client_id) if client_id else 0,
-        )
+        return UploadStream(self, caller)
 
-    def synthesize(
-        self,
-        req: SynthesisRequest,
-        is_active: Callable[[], bool] = lambda: True,
-        caller: str | None = None,
-    ) -> Iterator[SynthesisChunk]:
-        """Run T..t_cut for the client and stream x_{t_cut} in chunks of about CHUNK_BYTES."""
+    async def synthesize(
+        self, req: SynthesisRequest, caller: Identity
+    ) -> AsyncIterator[SynthesisChunk]:
+        """Run T..t_cut for the client and stream x_{t_cut} in chunks of about CHUNK_BYTES.
+
+        The sampler thread wakes this coroutine when a job is done, so a waiting request holds
+        no thread; when the caller goes away the jobs are cancelled at the sampler's next step.
+        """
         self.counters.requests += 1
-        self.auth.check(caller, req.client_id)
-        record = self.pool.client(req.client_id)
-        if record is None:
-            raise PolicyError(
-                Refusal.FAILED_PRECONDITION,
-                f"client {req.client_id} is not registered; call Register first",
-            )
+        caller.check_acts_as(req.client_id)
+        record = await asyncio.to_thread(self._registered, req.client_id)
         if req.n > self.config.policy.max_synthesize_n:
             raise PolicyError(
                 Refusal.INVALID_ARGUMENT,
                 f"n={req.n} exceeds the limit of {self.config.policy.max_synthesize_n} per request",
             )
+        if req.mixture and not self.config.policy.allow_mixture:
+            raise PolicyError(
+                Refusal.PERMISSION_DENIED,
+                "this server does not sample the mixture of all clients (policy.allow_mixture); "
+                "ask for your own distribution",
+            )
         T = self.diffusion.num_timesteps
         timesteps = self.diffusion.timesteps(T, record.t_cut, req.num_steps)
         label = unconditional_label(self.config) if req.mixture else record.client_index
+        loop = asyncio.get_running_loop()
         jobs = self.sampler.submit(
             req.n, req.seed, timesteps, req.sampler, req.eta, label, self.config.image.shape
         )
@@ -168,9 +144,10 @@ class CollaFuseService:
         offset = 0
         try:
             for job in jobs:
-                while not job.done.wait(0.2):
-                    if not is_active():
-                        return
+                ready = asyncio.Event()
+                job.on_done.append(functools.partial(loop.call_soon_threadsafe, ready.set))
+                if not job.done.is_set():
+                    await ready.wait()
                 if job.error is not None:
                     raise job.error
                 for lo in range(0, job.n, per_chunk):
@@ -188,16 +165,118 @@ class CollaFuseService:
             for job in jobs:
                 job.cancelled = True
 
-    def status(self) -> ServerStatus:
-        """Model version, training step, pools and uptime."""
+    def status(self, caller: Identity) -> ServerStatus:
+        """Model version, training step and uptime; pools: the caller's own (admins: all)."""
+        pools = self.pool.pools()
+        if not caller.sees_everything:
+            pools = [p for p in pools if p.client_id == caller.name]
         return ServerStatus(
             model_version=self.trainer.hub.version,
             train_step=self.trainer.step,
             uptime_s=time.monotonic() - self.started,
-            pools=self.pool.pools(),
+            pools=pools,
             last_loss=self.trainer.last_loss,
             device=str(self.device),
             model_parameters=self.trainer.num_parameters,
             requests_served=self.counters.requests,
             schedule=self.schedule,
+            nonfinite_steps=self.trainer.nonfinite_steps,
+        )
+
+    def forget(self, client_id: str, caller: Identity) -> ForgetResult:
+        """Delete a client's cut images from the pool and the trainer's memory.
+
+        Models already trained on them are not retrained; the answer names those versions.
+        """
+        self.counters.requests += 1
+        caller.check_acts_as(client_id)
+        record = self._registered(client_id)
+        # The pool first: then no refresh of the trainer can bring the rows back.
+        deleted = self.pool.forget(client_id)
+        trained = self.trainer.forget(record.client_index)
+        log.info(
+            "forgot %d cut images of %s (trained into versions %s)", deleted, client_id, trained
+        )
+        first, last = trained or (0, 0)
+        return ForgetResult(
+            deleted=deleted,
+            trained_from_version=first,
+            trained_to_version=last,
+            receipt=self.receipts.sign("forget", client_id, [str(deleted)]),
+        )
+
+
+@dataclass
+class UploadStream:
+    """One UploadCuts stream: every message is checked and durable before the next is read."""
+
+    service: CollaFuseService
+    caller: Identity
+    client_id: str = ""
+    record: ClientRecord | None = None
+    accepted: int = 0
+    duplicate: int = 0
+    acknowledged: list[str] = field(default_factory=list)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, batch: CutBatch) -> None:
+        """Check and store one message's cut images."""
+        svc = self.service
+        if self.client_id and batch.client_id != self.client_id:
+            raise PolicyError(Refusal.INVALID_ARGUMENT, "one upload stream carries one client")
+        if self.record is None:
+            self.caller.check_acts_as(batch.client_id)
+            self.record = svc._registered(batch.client_id)
+            self.client_id = batch.client_id
+        verdicts = svc.policy.check_batch(batch, self.record.t_cut)
+        keep = [i for i, v in enumerate(verdicts) if v is None]
+        self.rejections += [
+            (batch.image_ids[i], v) for i, v in enumerate(verdicts) if v is not None
+        ]
+        limit = svc.config.limits.max_rejected_per_upload
+        if len(self.rejections) >= limit:
+            svc.counters.rejected += len(self.rejections)
+            raise PolicyError(
+                Refusal.RESOURCE_EXHAUSTED,
+                f"the guard refused {len(self.rejections)} images of this stream "
+                f"(limits.max_rejected_per_upload = {limit}); the first: "
+                f"{self.rejections[0][1]}",
+            )
+        if not keep:
+            return
+        held = svc.pool.count(self.client_id)
+        quota = svc.config.policy.max_images_per_client
+        if held + len(keep) > quota:
+            raise PolicyError(
+                Refusal.RESOURCE_EXHAUSTED,
+                f"client {self.client_id} holds {held} images; {len(keep)} more exceed the quota "
+                f"of {quota} (policy.max_images_per_client)",
+            )
+        ids = [batch.image_ids[i] for i in keep]
+        a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, batch.cuts[keep])
+        self.accepted += a
+        self.duplicate += d
+        self.acknowledged += ids
+
+    def finish(self) -> UploadResult:
+        """The answer to the stream, with a receipt for every image it acknowledged."""
+        svc = self.service
+        svc.counters.accepted += self.accepted
+        svc.counters.rejected += len(self.rejections)
+        if self.rejections:
+            log.warning(
+                "refused %d images from %s: %s",
+                len(self.rejections),
+                self.client_id,
+                self.rejections[0][1],
+            )
+        return UploadResult(
+            accepted=self.accepted,
+            duplicate=self.duplicate,
+            rejected=len(self.rejections),
+            rejections=self.rejections,
+            pool_size=svc.pool.count(self.client_id) if self.client_id else 0,
+            receipt=svc.receipts.sign("upload", self.client_id, self.acknowledged)
+            if self.acknowledged
+            else "",
         )

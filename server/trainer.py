@@ -7,8 +7,11 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +23,54 @@ from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, em
 from collafuse.server.pool import Pool
 
 log = logging.getLogger("collafuse.server.trainer")
+
+SNAPSHOT_EVERY = 50
+"""Refresh the last-good snapshot at a publish at most every this many steps (and at every
+checkpoint): a copy of model, EMA and AdamW state to CPU costs four copies of the weights."""
+
+
+def _tensors(obj: object) -> Iterator[Tensor]:
+    """Every tensor inside nested dicts, lists and tuples (a state dict)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def all_finite(obj: object) -> bool:
+    """True when every floating-point tensor inside `obj` holds only finite values.
+
+    One flag per tensor and a single device sync, so it is cheap enough to run every step.
+    """
+    flags = [torch.isfinite(t).all() for t in _tensors(obj) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor copied to CPU memory."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass(frozen=True)
+class GoodState:
+    """The last training state known to be finite, kept in CPU memory for a rollback."""
+
+    step: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict[str, Any]
 
 
 class ModelHub:
@@ -72,12 +123,25 @@ class Trainer:
         self.last_loss = math.nan
         self.num_parameters = count_parameters(self.model)
         self.timesteps = TimestepSampler(diffusion.num_timesteps)
+        self.trained_since: dict[int, int] = {}
+        """Per client index, the step after which its cut images were in the training set, so
+        Forget can name the model versions that saw them (kept in the checkpoint)."""
         self._resume()
+        self.nonfinite_steps = 0
+        """Steps skipped for a non-finite loss or gradient norm, plus steps whose weights came
+        out non-finite and were rolled back; GetStatus reports it."""
+        self._good: GoodState | None = None
+        self._remember_good()
+        if self._good is None:  # a checkpoint written before this defence may hold NaN
+            self._roll_back("the resumed checkpoint holds non-finite weights")
+            self._remember_good()
         self.hub = ModelHub(copy.deepcopy(self.ema), version=self.step)
         self._cuts = torch.empty(0, device=device)
         self._t_cut = torch.empty(0, dtype=torch.long)
         self._labels = torch.empty(0, dtype=torch.long)
         self._seq = 0
+        # Guards the in-memory pool: the training thread reads it, Forget removes rows from it.
+        self._data_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.train_seconds = 0.0
@@ -101,40 +165,146 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.last_loss = float(state.get("last_loss", math.nan))
+        self.trained_since = {int(k): int(v) for k, v in state.get("trained_since", {}).items()}
         log.info("resumed server model at step %d from %s", self.step, self.checkpoint_path)
 
-    def save(self) -> None:
-        """Write an atomic checkpoint of model, EMA, optimizer, step and config."""
+    def save(self) -> bool:
+        """Write an atomic checkpoint of model, EMA, optimizer, step and config.
+
+        Refuses (logs an error, writes nothing, returns False) when any weight, EMA weight or
+        optimizer moment is non-finite: a resumed server would otherwise serve NaN, and the
+        previous checkpoint on disk is still a good one.
+        """
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if not all_finite(state):
+            log.error(
+                "not writing checkpoint at step %d: the model holds non-finite values; %s keeps "
+                "the last good one",
+                self.step,
+                self.checkpoint_path,
+            )
+            return False
         save_atomic(
             {
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **state,
                 "step": self.step,
                 "last_loss": self.last_loss,
+                "trained_since": dict(self.trained_since),
                 "schedule_hash": self.diffusion.hash,
                 "record": config_record(self.config),
             },
             self.checkpoint_path,
         )
+        return True
+
+    # ----- non-finite defence ----------------------------------------------------------------
+
+    def _remember_good(self) -> None:
+        """Copy model, EMA and optimizer state to CPU as the rollback point, if all finite."""
+        model, ema = self.model.state_dict(), self.ema.state_dict()
+        optimizer = self.optimizer.state_dict()
+        if not all_finite((model, ema, optimizer)):
+            log.error(
+                "step %d holds non-finite weights; keeping the older rollback point", self.step
+            )
+            return
+        self._good = GoodState(self.step, _to_cpu(model), _to_cpu(ema), _to_cpu(optimizer))
+
+    def _roll_back(self, why: str) -> None:
+        """Restore model, EMA and optimizer from the last good snapshot.
+
+        The step counter stays where it is: it seeds the batch draws, so going back would draw
+        the same poisoned batch again. Without a snapshot (a resumed checkpoint that was already
+        non-finite) the weights start afresh.
+        """
+        self.nonfinite_steps += 1
+        good = self._good
+        if good is None:
+            fresh = build_server_unet(self.config).to(self.device)
+            self.model.load_state_dict(fresh.state_dict())
+            self.ema.load_state_dict(fresh.state_dict())
+            self.optimizer.state.clear()
+            log.warning(
+                "step %d: %s; no finite state known, restarting from fresh weights", self.step, why
+            )
+            return
+        self.model.load_state_dict(good.model)
+        self.ema.load_state_dict(good.ema)
+        # A fresh copy: on CPU load_state_dict keeps the tensors it is given, and AdamW would
+        # then update the snapshot in place.
+        self.optimizer.load_state_dict(_to_cpu(good.optimizer))
+        log.warning(
+            "step %d: %s; rolled back to the weights of step %d (%d non-finite steps so far)",
+            self.step,
+            why,
+            good.step,
+            self.nonfinite_steps,
+        )
+
+    def _skip(self, loss: float, why: str) -> float:
+        """Drop this step's gradients without an optimizer step; the step counter moves on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self.step += 1
+        log.warning(
+            "step %d skipped: %s (a poisoned cut image in the batch?); %d non-finite steps so far",
+            self.step,
+            why,
+            self.nonfinite_steps,
+        )
+        return loss
+
+    def _publish(self) -> bool:
+        """Hand the EMA weights to the sampler, unless they are non-finite."""
+        state = self.ema.state_dict()
+        if not all_finite(state):
+            log.error("not publishing step %d: the EMA weights are non-finite", self.step)
+            return False
+        self.hub.publish(state, self.step)
+        return True
 
     # ----- data ------------------------------------------------------------------------------
 
     def refresh(self) -> int:
         """Pull cut images that arrived since the last refresh; returns the pool size."""
-        if self.pool is not None:
-            rows = self.pool.read_since(self._seq)
-            if rows.cuts.numel():
-                self.add_cuts(rows.cuts, rows.t_cut, rows.client_index)
-                self._seq = rows.last_seq
-        return int(self._t_cut.numel())
+        with self._data_lock:
+            if self.pool is not None:
+                rows = self.pool.read_since(self._seq)
+                if rows.cuts.numel():
+                    self.add_cuts(rows.cuts, rows.t_cut, rows.client_index)
+                    self._seq = rows.last_seq
+            return int(self._t_cut.numel())
 
     def add_cuts(self, cuts: Tensor, t_cut: Tensor, client_index: Tensor) -> None:
         """Add cut images (N, C, H, W) with their t_cut and client index, each (N,)."""
-        old = self._cuts.reshape(-1, *cuts.shape[1:])
-        self._cuts = torch.cat([old, cuts.to(self.device)])
-        self._t_cut = torch.cat([self._t_cut, t_cut.long()])
-        self._labels = torch.cat([self._labels, client_index.long()])
+        with self._data_lock:
+            old = self._cuts.reshape(-1, *cuts.shape[1:])
+            self._cuts = torch.cat([old, cuts.to(self.device)])
+            self._t_cut = torch.cat([self._t_cut, t_cut.long()])
+            self._labels = torch.cat([self._labels, client_index.long()])
+            for label in client_index.unique().tolist():
+                self.trained_since.setdefault(int(label), self.step)
+
+    def forget(self, client_index: int) -> tuple[int, int] | None:
+        """Drop a client's cut images from memory; the steps whose models saw them, if any.
+
+        Call after deleting them from the pool, so no refresh can bring them back.
+        """
+        with self._data_lock:
+            keep = self._labels != client_index
+            self._cuts = (
+                self._cuts[keep.to(self._cuts.device)] if self._cuts.numel() else self._cuts
+            )
+            self._t_cut = self._t_cut[keep]
+            self._labels = self._labels[keep]
+            since = self.trained_since.pop(client_index, None)
+            if since is None or self.step <= since:
+                return None
+            return since + 1, self.step
 
     # ----- training --------------------------------------------------------------------------
 
@@ -168,28 +338,46 @@ class Trainer:
                 gamma=cfg.loss_gamma,
             )
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.float().backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        loss = out.loss.float()
+        value = float(loss.detach())
+        # A non-finite loss or gradient would turn every weight to NaN in one AdamW step (and
+        # the EMA soon after): skip the step instead. Clipping already bounds finite gradients.
+        if not math.isfinite(value):
+            return self._skip(value, f"non-finite loss {value}")
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
+        if not math.isfinite(grad_norm):
+            return self._skip(value, f"non-finite gradient norm {grad_norm}")
         self.optimizer.step()
         ema_update(self.ema, self.model, cfg.ema_decay)
         self.step += 1
-        self.last_loss = float(out.loss.detach())
-        return self.last_loss
+        # A finite step can still overflow (a huge learning rate, float16 state): never keep it.
+        if not all_finite((self.model.state_dict(), self.ema.state_dict())):
+            self._roll_back("the update made weights non-finite")
+            return value
+        self.last_loss = value
+        return value
 
     def _run(self) -> None:
         cfg = self.config.train
         while not self._stop.is_set():
-            size = self.refresh()
-            if size < cfg.min_pool or (cfg.max_steps and self.step >= cfg.max_steps):
+            with self._data_lock:
+                size = self.refresh()
+                idle = size < cfg.min_pool or bool(cfg.max_steps and self.step >= cfg.max_steps)
+                if not idle:
+                    started = time.perf_counter()
+                    loss = self.train_step()
+                    self.train_seconds += time.perf_counter() - started
+            if idle:
                 self._stop.wait(0.5)
                 continue
-            started = time.perf_counter()
-            loss = self.train_step()
-            self.train_seconds += time.perf_counter() - started
-            if self.step % cfg.publish_every == 0:
-                self.hub.publish(self.ema.state_dict(), self.step)
-            if self.step % cfg.checkpoint_every == 0:
-                self.save()
+            # train_step leaves only finite weights behind; _publish and save check again.
+            if self.step % cfg.publish_every == 0 and self._publish():
+                good = self._good
+                if good is None or self.step - good.step >= SNAPSHOT_EVERY:
+                    self._remember_good()
+            if self.step % cfg.checkpoint_every == 0 and self.save():
+                self._remember_good()
                 log.info("step %d loss %.4f pool %d (checkpoint written)", self.step, loss, size)
 
     def start(self) -> None:
@@ -210,4 +398,4 @@ class Trainer:
             self._thread.join()
         if self.step:
             self.save()
-            self.hub.publish(self.ema.state_dict(), self.step)
+            self._publish()

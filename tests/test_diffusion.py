@@ -2,7 +2,7 @@
 
 Three kinds of evidence, each with numbers that can fail:
 
-* a Gaussian oracle (DESIGN section 2): for x_0 ~ N(mu, s0^2 I) the posterior mean E[x_0 | x_t]
+* a Gaussian oracle (docs/design.md §2): for x_0 ~ N(mu, s0^2 I) the posterior mean E[x_0 | x_t]
   has a closed form, so it can stand in for a perfectly trained network on both sides of the cut;
 * diffusers' DDPMScheduler / DDIMScheduler on the same betas, step by step and chain by chain;
 * least-squares and loss-landscape checks of the bridge q(x_c | x_t, x_0) the server trains on.
@@ -572,7 +572,7 @@ def test_bridge_matches_the_ddpm_posterior() -> None:
 def test_least_squares_recovers_the_bridge() -> None:
     """Regressing the client's x_c on (x_0, x_t = renoise(x_c)) returns a, b and s^2.
 
-    T=1000, c=300, t=700 as in DESIGN section 2. x_c and x_t come from the code under test
+    T=1000, c=300, t=700 as in docs/design.md section 2. x_c and x_t come from the code under test
     (q_sample then renoise), so this checks renoise and bridge against each other.
     """
     d = make_diffusion(1000)
@@ -594,7 +594,7 @@ def test_least_squares_recovers_the_bridge() -> None:
     assert abs(float(coef[0]) - a) <= Z * float(se[0]), (float(coef[0]), a)
     assert abs(float(coef[1]) - b) <= Z * float(se[1]), (float(coef[1]), b)
     assert abs(s2_hat - s2) <= Z * s2 * math.sqrt(2 / n), (s2_hat, s2)
-    # The DESIGN's "3 decimals", and the data can tell: 5 se stays below 2e-3.
+    # docs/design.md's "3 decimals", and the data can tell: 5 se stays below 2e-3.
     assert max(float(se[0]), float(se[1])) * Z < 2e-3
     assert abs(float(coef[0]) - a) < 2e-3 and abs(float(coef[1]) - b) < 2e-3
     assert abs(s2_hat - s2) < 1e-3

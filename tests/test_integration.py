@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,7 +38,7 @@ TINY_SERVER_MODEL = {
 TINY_CLIENT_MODEL = {"block_out_channels": [4, 8], "attention_levels": [], "norm_num_groups": 4}
 
 
-class AuditInterceptor(grpc.ServerInterceptor):
+class AuditInterceptor(grpc.aio.ServerInterceptor):
     """Records every request message the server receives, as the servicer will see it."""
 
     def __init__(self) -> None:
@@ -48,25 +49,25 @@ class AuditInterceptor(grpc.ServerInterceptor):
         with self.lock:
             self.messages.append((method, msg))
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = continuation(details)
+        handler = await continuation(details)
         method = details.method  # type: ignore[attr-defined]
         if handler is None:
             return handler
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
-            def stream_unary(it: Iterator[Any], ctx: grpc.ServicerContext) -> Any:
-                def audited() -> Iterator[Any]:
-                    for m in it:
+            async def stream_unary(it: AsyncIterator[Any], ctx: Any) -> Any:
+                async def audited() -> AsyncIterator[Any]:
+                    async for m in it:
                         self._record(method, m)
                         yield m
 
-                return inner_su(audited(), ctx)
+                return await inner_su(audited(), ctx)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, handler.request_deserializer, handler.response_serializer
@@ -74,9 +75,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
-            def unary_unary(m: Any, ctx: grpc.ServicerContext) -> Any:
+            async def unary_unary(m: Any, ctx: Any) -> Any:
                 self._record(method, m)
-                return inner_uu(m, ctx)
+                return await inner_uu(m, ctx)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -84,9 +85,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
-            def unary_stream(m: Any, ctx: grpc.ServicerContext) -> Any:
+            async def unary_stream(m: Any, ctx: Any) -> AsyncIterator[Any]:
                 self._record(method, m)
-                return inner_us(m, ctx)
+                async for reply in inner_us(m, ctx):
+                    yield reply
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
@@ -172,9 +174,9 @@ def test_two_clients_end_to_end_with_audit(
     t_cut = Diffusion.from_config(running.config.schedule).t_cut(0.4)
     assert all(p.t_cut == t_cut for p in status.pools)
 
-    # A few training steps happen on the uploaded pool.
+    # A few training steps happen on the uploaded pool (published just after each step).
     deadline = 60.0
-    while status.train_step < 10 and deadline > 0:
+    while status.model_version < 10 and deadline > 0:
         threading.Event().wait(0.2)
         deadline -= 0.2
         status = remote.status()
@@ -385,7 +387,7 @@ def test_client_tokens(tmp_path: Path) -> None:
         reg = Registration("alice", (1, 8, 8), 0.4)
 
         def remote(token: str | None) -> Remote:
-            return Remote(open_channel(running.address, insecure=True), token)
+            return Remote(open_channel(running.address, insecure=True, token=token))
 
         ok = remote("alice-secret")
         assert ok.register(reg).t_cut == 20
@@ -406,6 +408,7 @@ def test_client_tokens(tmp_path: Path) -> None:
         # A client configured with its token file works end to end.
         token_file = tmp_path / "alice.token"
         token_file.write_text("alice-secret\n")
+        token_file.chmod(0o600)
         cfg = tiny_client_config(tmp_path / "alice", running.address, 0).model_copy(
             update={"client_id": "alice", "auth_token_file": token_file}
         )
@@ -424,5 +427,7 @@ def test_token_command_writes_a_private_token(tmp_path: Path) -> None:
     assert main(["token", "edge-1", "--out", str(out)]) == 0
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     token = out.read_text().strip()
-    auth = Authenticator({"edge-1": hash_token(token)})
-    assert auth.identify([("authorization", f"Bearer {token}")]) == "edge-1"
+    server_file = tmp_path / "tokens.toml"
+    server_file.write_text(f'edge-1 = "{hash_token(token)}"\n')
+    auth = Authenticator(token_file=server_file)
+    assert auth.identify({}, [("authorization", f"Bearer {token}")]).name == "edge-1"

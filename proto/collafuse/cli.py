@@ -16,6 +16,7 @@ from collafuse import __version__
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     from collafuse.client import cli as client_cli
+    from collafuse.common import pki_cli
     from collafuse.experiments import cli as experiment_cli
     from collafuse.server import cli as server_cli
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_commands(sub)
     client_cli.add_commands(sub)
     experiment_cli.add_commands(sub)
+    pki_cli.add_commands(sub)
     return parser
 
 

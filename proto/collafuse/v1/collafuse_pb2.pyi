@@ -93,18 +93,20 @@ class Rejection(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class UploadCutsResponse(_message.Message):
-    __slots__ = ("accepted", "duplicate", "rejected", "rejections", "pool_size")
+    __slots__ = ("accepted", "duplicate", "rejected", "rejections", "pool_size", "receipt")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     duplicate: int
     rejected: int
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
     pool_size: int
-    def __init__(self, accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pool_size: _Optional[int] = ...) -> None: ...
+    receipt: str
+    def __init__(self, accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pool_size: _Optional[int] = ..., receipt: _Optional[str] = ...) -> None: ...
 
 class SynthesizeRequest(_message.Message):
     __slots__ = ("client_id", "n", "seed", "sampler", "num_steps", "eta", "mixture")
@@ -155,7 +157,7 @@ class ClientPool(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_index: _Optional[int] = ..., t_cut: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_version", "train_step", "uptime_s", "pools", "last_loss", "device", "model_parameters", "requests_served", "schedule")
+    __slots__ = ("model_version", "train_step", "uptime_s", "pools", "last_loss", "device", "model_parameters", "requests_served", "schedule", "nonfinite_steps")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class GetStatusResponse(_message.Message):
     MODEL_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_STEPS_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     train_step: int
     uptime_s: float
@@ -174,4 +177,23 @@ class GetStatusResponse(_message.Message):
     model_parameters: int
     requests_served: int
     schedule: Schedule
-    def __init__(self, model_version: _Optional[int] = ..., train_step: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[ClientPool, _Mapping]]] = ..., last_loss: _Optional[float] = ..., device: _Optional[str] = ..., model_parameters: _Optional[int] = ..., requests_served: _Optional[int] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
+    nonfinite_steps: int
+    def __init__(self, model_version: _Optional[int] = ..., train_step: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[ClientPool, _Mapping]]] = ..., last_loss: _Optional[float] = ..., device: _Optional[str] = ..., model_parameters: _Optional[int] = ..., requests_served: _Optional[int] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., nonfinite_steps: _Optional[int] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("deleted", "trained_from_version", "trained_to_version", "receipt")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    trained_from_version: int
+    trained_to_version: int
+    receipt: str
+    def __init__(self, deleted: _Optional[int] = ..., trained_from_version: _Optional[int] = ..., trained_to_version: _Optional[int] = ..., receipt: _Optional[str] = ...) -> None: ...

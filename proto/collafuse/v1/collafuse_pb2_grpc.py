@@ -54,6 +54,11 @@ class CollaFuseStub:
                 request_serializer=collafuse_dot_v1_dot_collafuse__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/collafuse.v1.CollaFuse/Forget',
+                request_serializer=collafuse_dot_v1_dot_collafuse__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.ForgetResponse.FromString,
+                _registered_method=True)
 
 
 class CollaFuseServicer:
@@ -83,6 +88,12 @@ class CollaFuseServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollaFuseServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_CollaFuseServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.GetStatusRequest.FromString,
                     response_serializer=collafuse_dot_v1_dot_collafuse__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.ForgetRequest.FromString,
+                    response_serializer=collafuse_dot_v1_dot_collafuse__pb2.ForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class CollaFuse:
             '/collafuse.v1.CollaFuse/GetStatus',
             collafuse_dot_v1_dot_collafuse__pb2.GetStatusRequest.SerializeToString,
             collafuse_dot_v1_dot_collafuse__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collafuse.v1.CollaFuse/Forget',
+            collafuse_dot_v1_dot_collafuse__pb2.ForgetRequest.SerializeToString,
+            collafuse_dot_v1_dot_collafuse__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
