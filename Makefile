@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test lint typecheck protos check-protos clean
+.PHONY: setup demo test test-all soak lint typecheck protos check-protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest
+
+# The fault suite at full length (load, fuzz, kills); prints its figures, exit 0 when every
+# invariant holds. `make test` runs a short version of each scenario.
+soak: setup
+	$(PY) tests/soak.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

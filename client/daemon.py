@@ -30,6 +30,7 @@ from collafuse.common.data import LocalData, load_local_data
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import CutBatch, ForgetResult, Registration, Session, UploadResult
 from collafuse.common.files import private_dir
+from collafuse.common.store import DISK_FULL_MARKER
 
 log = logging.getLogger("collafuse.client")
 R = TypeVar("R")
@@ -99,7 +100,8 @@ class ClientDaemon:
         self.status.images = int(self.data.images.shape[0])
         self.remote: Remote | None = None
         self.session: Session | None = None
-        self._sent: list[tuple[int, str]] = []  # (ledger seq, wire id) of the current stream
+        # Per message of the current upload stream: (ledger seq, wire id, local id) per image.
+        self._sent: list[list[tuple[int, str, str]]] = []
         self._ledger_error: LedgerError | None = None  # why the current stream's ledger refused
 
     # ----- status --------------------------------------------------------------------------
@@ -135,13 +137,19 @@ class ClientDaemon:
                 return result
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code not in _TRANSIENT:
+                # A server whose disk is full stored nothing of the refused call and recovers
+                # once its operator frees space: wait for it as for a server that is away.
+                disk_full = code == grpc.StatusCode.RESOURCE_EXHAUSTED and DISK_FULL_MARKER in (
+                    exc.details() or ""
+                )
+                if code not in _TRANSIENT and not disk_full:
                     raise ClientRefused(f"{what} refused: {code.name}: {exc.details()}") from None
                 failed = True
-                self.write_status(last_error=f"{what}: {code.name}, retrying in {delay:.1f}s")
-                log.warning(
-                    "%s: server unavailable (%s); retrying in %.1fs", what, code.name, delay
+                why = "its disk is full" if disk_full else "unavailable"
+                self.write_status(
+                    last_error=f"{what}: {code.name} ({why}), retrying in {delay:.1f}s"
                 )
+                log.warning("%s: server %s (%s); retrying in %.1fs", what, why, code.name, delay)
                 if self.remote is not None:
                     self.remote.close()
                     self.remote = None
@@ -262,7 +270,10 @@ class ClientDaemon:
                 self._ledger_error = exc
                 raise
             wire = [r.wire_id for r in releases]
-            self._sent.extend(zip(seqs, wire, strict=True))
+            # One entry per message, in order: the server acknowledges message k by index.
+            self._sent.append(
+                [(seq, r.wire_id, r.local_id) for seq, r in zip(seqs, releases, strict=True)]
+            )
             yield CutBatch(
                 client_id=self.config.client_id, t_cut=t_cut, image_ids=wire, cuts=cuts[idx]
             )
@@ -285,11 +296,29 @@ class ClientDaemon:
             raise ClientRefused(f"nothing was uploaded: {exc}") from None
         log.info("uploading %d cut images at t_cut=%d", len(pending), session.t_cut)
 
-        def attempt(remote: Remote) -> UploadResult:
-            self._sent = []  # a retried stream starts over; the server de-duplicates by id
+        done: set[str] = set()  # local ids acknowledged during this upload
+        totals = {"accepted": 0, "duplicate": 0, "rejected": 0, "pool_size": 0}
+        rejections: list[tuple[str, str]] = []
+
+        def attempt(remote: Remote) -> None:
+            # Each message is acknowledged once it is durable on the server, so a retried
+            # stream resumes after the last acknowledged message; re-sent bytes are no new
+            # release (the ledger returns the rows of the first try).
+            todo = [i for i in pending if self.data.ids[i] not in done]
+            self._sent = []
             self._ledger_error = None
             try:
-                return remote.upload(self._batches(pending, cuts, session.t_cut))
+                for ack in remote.upload_acked(self._batches(todo, cuts, session.t_cut)):
+                    rows = self._sent[ack.message]
+                    refused = {rid for rid, _ in ack.rejections}
+                    kept = [(seq, local) for seq, wid, local in rows if wid not in refused]
+                    self.ledger.acknowledge([seq for seq, _ in kept], ack.receipt)
+                    done.update(local for _, local in kept)
+                    for key in ("accepted", "duplicate", "rejected"):
+                        totals[key] += getattr(ack, key)
+                    totals["pool_size"] = ack.pool_size
+                    rejections.extend(ack.rejections)
+                    self.write_status(uploaded=len(acked) + len(done))
             except grpc.RpcError:
                 # gRPC turns an exception in the request iterator into a CANCELLED call; report
                 # the ledger's reason instead of that.
@@ -297,10 +326,13 @@ class ClientDaemon:
                     raise ClientRefused(f"upload stopped: {self._ledger_error}") from None
                 raise
 
-        result = self._with_retry("upload", attempt)
-        refused = {rid for rid, _ in result.rejections}
-        self.ledger.acknowledge(
-            [seq for seq, wid in self._sent if wid not in refused], result.receipt
+        self._with_retry("upload", attempt)
+        result = UploadResult(
+            accepted=totals["accepted"],
+            duplicate=totals["duplicate"],
+            rejected=totals["rejected"],
+            rejections=rejections,
+            pool_size=totals["pool_size"],
         )
         summary = self.ledger.summary()
         self.write_status(

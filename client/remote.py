@@ -18,6 +18,7 @@ from collafuse.common.domain import (
     Session,
     SynthesisChunk,
     SynthesisRequest,
+    UploadAck,
     UploadResult,
 )
 from collafuse.common.files import read_private_bytes
@@ -94,6 +95,7 @@ class _LoopbackToken(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
 ):
     """Adds the bearer token to calls on a plaintext loopback channel (tests, development)."""
 
@@ -117,6 +119,9 @@ class _LoopbackToken(
         return continuation(self._details(details), request)
 
     def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)
 
 
@@ -174,9 +179,22 @@ class Remote:
         )
         return serde.upload_result_from_proto(reply)
 
+    def upload_acked(self, batches: Iterable[CutBatch]) -> Iterator[UploadAck]:
+        """Stream cut images; each message is acknowledged once it is durable on the server."""
+        call = self.stub.Upload(
+            (serde.cut_batch_to_proto(b) for b in batches), timeout=STREAM_TIMEOUT_S
+        )
+        try:
+            for msg in call:
+                yield serde.upload_ack_from_proto(msg)
+        finally:
+            call.cancel()
+
     def synthesize(self, req: SynthesisRequest) -> Iterator[SynthesisChunk]:
         """Stream x_{t_cut} chunks; closing the iterator early cancels the call at once."""
-        call = self.stub.Synthesize(serde.synthesis_request_to_proto(req), timeout=STREAM_TIMEOUT_S)
+        call = self.stub.Synthesize(
+            serde.synthesis_request_to_proto(req), timeout=STREAM_TIMEOUT_S, wait_for_ready=True
+        )
         try:
             for msg in call:
                 yield serde.synthesis_chunk_from_proto(msg)

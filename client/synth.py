@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +21,10 @@ from collafuse.common.images import save_grid, save_pngs
 from collafuse.common.nets import UNetDenoiser
 
 log = logging.getLogger("collafuse.client.synth")
+
+
+# The server is restarting, unreachable or did not answer in time: wait and resume.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class SynthesisError(RuntimeError):
@@ -38,17 +43,25 @@ class SynthesisResult:
 
 
 def receive_cut_samples(
-    remote: Remote, req: SynthesisRequest, t_cut: int, shape: tuple[int, ...]
+    remote: Remote,
+    req: SynthesisRequest,
+    t_cut: int,
+    shape: tuple[int, ...],
+    parts: list[Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """Collect the streamed x_{t_cut}, checking every chunk's timestep, offset, count and shape.
+
+    Returns all samples (those in `parts` before the call included) and the model version.
 
     A chunk that breaks the protocol stops the stream at once: no further chunk is read and
     the stream is closed (which cancels the call), so a server cannot make this client buffer
     more than the n samples it asked for.
     """
     stream = remote.synthesize(req)
-    parts: list[Tensor] = []
-    got = 0
+    # Samples arrive from req.offset on; a caller that resumes passes the parts it already has,
+    # and they keep what arrived even when the stream breaks.
+    parts = [] if parts is None else parts
+    got = req.offset
     version = 0
     try:
         for chunk in stream:
@@ -121,17 +134,55 @@ def synthesize(
         eta=s.eta,
         mixture=s.mixture if mixture is None else mixture,
     )
-    remote = Remote.for_client(config)
-    try:
-        started = time.perf_counter()
-        x_cut, version = receive_cut_samples(remote, req, t_cut, config.image.shape)
-        server_seconds = time.perf_counter() - started
-    finally:
-        remote.close()
+    started = time.perf_counter()
+    x_cut, version = fetch_cut_samples(config, req, t_cut, s.patience_s)
+    server_seconds = time.perf_counter() - started
     started = time.perf_counter()
     steps = s.client_steps if client_steps is None else client_steps
     images = finish_chain(diffusion, model, x_cut, t_cut, steps, kind, s.eta, seed)
     return SynthesisResult(images, t_cut, version, server_seconds, time.perf_counter() - started)
+
+
+def fetch_cut_samples(
+    config: ClientConfig, req: SynthesisRequest, t_cut: int, patience_s: float
+) -> tuple[Tensor, int]:
+    """Receive x_{t_cut}, waiting for a server that is away and resuming a broken stream.
+
+    A server that restarts or stops answering is waited for (gRPC's wait_for_ready) and the
+    request is sent again from the first sample not yet received, with the same seed: sample i
+    depends on the seed and i only, so the result is what one unbroken stream would give (on
+    the same model version). Gives up after `patience_s` seconds without progress.
+    """
+    parts: list[Tensor] = []
+    delay = 0.5
+    deadline = time.monotonic() + patience_s
+    while True:
+        have = sum(int(p.shape[0]) for p in parts)
+        remote = Remote.for_client(config)
+        try:
+            return receive_cut_samples(
+                remote, replace(req, offset=have), t_cut, config.image.shape, parts
+            )
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            now = sum(int(p.shape[0]) for p in parts)
+            if now > have:
+                deadline = time.monotonic() + patience_s  # progress: patience starts again
+            if code not in _TRANSIENT or time.monotonic() + delay > deadline:
+                raise SynthesisError(
+                    f"synthesis failed after {now} of {req.n} samples: {code.name}: {details}"
+                ) from None
+            log.warning(
+                "synthesis interrupted after %d of %d samples (%s); retrying in %.1fs",
+                now,
+                req.n,
+                code.name,
+                delay,
+            )
+        finally:
+            remote.close()
+        time.sleep(delay)
+        delay = min(2 * delay, 10.0)
 
 
 def finish_chain(

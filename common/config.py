@@ -311,6 +311,9 @@ class SynthConfig(_Frozen):
     """DDIM eta."""
     mixture: bool = False
     """Ask the server for the mixture of all clients instead of this client's distribution."""
+    patience_s: float = Field(default=300.0, gt=0)
+    """How long synthesis waits for a server that restarts or stops answering (without any
+    progress) before it gives up; a broken stream resumes from the samples it already has."""
 
 
 class ClientConfig(_Frozen):

@@ -65,6 +65,19 @@ class UploadResult:
 
 
 @dataclass(frozen=True)
+class UploadAck:
+    """The server's answer to one upload message, sent once the message is durable."""
+
+    message: int
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+    pool_size: int = 0
+    receipt: str = ""
+
+
+@dataclass(frozen=True)
 class SynthesisRequest:
     """A client's request for n samples of x_{t_cut}."""
 
@@ -75,6 +88,7 @@ class SynthesisRequest:
     num_steps: int = 0
     eta: float = 0.0
     mixture: bool = False
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,9 @@ class ServerStatus:
     requests_served: int
     schedule: ScheduleInfo
     nonfinite_steps: int = 0
+    trainer_state: str = ""
+    trainer_restarts: int = 0
+    malformed_requests: int = 0
 
 
 @dataclass(frozen=True)

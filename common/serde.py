@@ -24,6 +24,7 @@ from collafuse.common.domain import (
     Session,
     SynthesisChunk,
     SynthesisRequest,
+    UploadAck,
     UploadResult,
 )
 from collafuse.common.limits import MAX_IMAGE_ID_LENGTH, MAX_IMAGE_PIXELS
@@ -228,6 +229,32 @@ def upload_result_from_proto(msg: pb.UploadCutsResponse) -> UploadResult:
     )
 
 
+def upload_ack_to_proto(a: UploadAck) -> pb.UploadAck:
+    """Encode the acknowledgement of one upload message (at most 100 rejection reasons)."""
+    return pb.UploadAck(
+        message=a.message,
+        accepted=a.accepted,
+        duplicate=a.duplicate,
+        rejected=a.rejected,
+        rejections=[pb.Rejection(image_id=i, reason=why) for i, why in a.rejections[:100]],
+        pool_size=a.pool_size,
+        receipt=a.receipt,
+    )
+
+
+def upload_ack_from_proto(msg: pb.UploadAck) -> UploadAck:
+    """Decode the acknowledgement of one upload message."""
+    return UploadAck(
+        message=int(msg.message),
+        accepted=int(msg.accepted),
+        duplicate=int(msg.duplicate),
+        rejected=int(msg.rejected),
+        rejections=[(r.image_id, r.reason) for r in msg.rejections],
+        pool_size=int(msg.pool_size),
+        receipt=msg.receipt,
+    )
+
+
 # ----- synthesis ---------------------------------------------------------------------------
 
 
@@ -241,6 +268,7 @@ def synthesis_request_to_proto(r: SynthesisRequest) -> pb.SynthesizeRequest:
         num_steps=r.num_steps,
         eta=r.eta,
         mixture=r.mixture,
+        offset=r.offset,
     )
 
 
@@ -249,6 +277,8 @@ def synthesis_request_from_proto(msg: pb.SynthesizeRequest) -> SynthesisRequest:
     check_client_id(msg.client_id)
     if msg.n <= 0:
         raise WireError(f"n must be positive, got {msg.n}")
+    if not 0 <= msg.offset < msg.n:
+        raise WireError(f"offset must lie in [0, n) = [0, {msg.n}), got {msg.offset}")
     if msg.num_steps < 0:
         raise WireError(f"num_steps must not be negative, got {msg.num_steps}")
     if not (0.0 <= msg.eta <= 1.0):
@@ -265,6 +295,7 @@ def synthesis_request_from_proto(msg: pb.SynthesizeRequest) -> SynthesisRequest:
         num_steps=int(msg.num_steps),
         eta=float(msg.eta),
         mixture=bool(msg.mixture),
+        offset=int(msg.offset),
     )
 
 
@@ -317,6 +348,9 @@ def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
         requests_served=s.requests_served,
         schedule=schedule_to_proto(s.schedule),
         nonfinite_steps=s.nonfinite_steps,
+        trainer_state=s.trainer_state,
+        trainer_restarts=s.trainer_restarts,
+        malformed_requests=s.malformed_requests,
     )
 
 
@@ -336,6 +370,9 @@ def status_from_proto(msg: pb.GetStatusResponse) -> ServerStatus:
         requests_served=int(msg.requests_served),
         schedule=schedule_from_proto(msg.schedule),
         nonfinite_steps=int(msg.nonfinite_steps),
+        trainer_state=msg.trainer_state,
+        trainer_restarts=int(msg.trainer_restarts),
+        malformed_requests=int(msg.malformed_requests),
     )
 
 

@@ -30,7 +30,7 @@ from collafuse.common.nets import pick_device
 from collafuse.server.audit import AuditLog, ReceiptSigner
 from collafuse.server.auth import Authenticator
 from collafuse.server.interceptor import Gate
-from collafuse.server.pool import Pool
+from collafuse.server.pool import DiskFullError, Pool, PoolCorruptError
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.service import CollaFuseService
 from collafuse.server.servicer import CollaFuseServicer
@@ -39,6 +39,8 @@ from collafuse.v1 import collafuse_pb2_grpc as pb_grpc
 
 log = logging.getLogger("collafuse.server")
 SERVICE_NAME = "collafuse.v1.CollaFuse"
+# Its own health entry: synthesis keeps serving while training is down, and says so here.
+TRAINER_HEALTH = "collafuse.v1.Trainer"
 T = TypeVar("T")
 
 
@@ -104,10 +106,28 @@ class RunningServer:
     async def _stop_serving(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+        for task in asyncio.all_tasks():
+            if task.get_name() == TRAINER_HEALTH:
+                task.cancel()
 
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
         self._loop.run(self.grpc_server.wait_for_termination())
+
+
+async def _watch_trainer(health: HealthServicer, trainer: Trainer) -> None:
+    """Mirror the trainer's state into its health entry once a second."""
+    status = health_pb2.HealthCheckResponse
+    last = None
+    while True:
+        state = trainer.state
+        up = not state.startswith(("failed", "restarting"))
+        if up != last:
+            await health.set(TRAINER_HEALTH, status.SERVING if up else status.NOT_SERVING)
+            if last is not None:
+                log.log(logging.INFO if up else logging.WARNING, "trainer: %s", state)
+            last = up
+        await asyncio.sleep(1.0)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -155,7 +175,10 @@ def _authenticator(config: ServerConfig) -> Authenticator:
 
 
 def start_server(
-    config: ServerConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    config: ServerConfig,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    start_over: bool = False,
+    pool_full_check: bool = False,
 ) -> RunningServer:
     """Open the data dir, resume from its checkpoint, and start serving."""
     if config.threads:
@@ -165,9 +188,19 @@ def start_server(
     device = pick_device(config.device)
     data_dir = private_dir(config.data_dir)
     diffusion = Diffusion.from_config(config.schedule)
-    pool = Pool(data_dir / "pool.sqlite")
     try:
-        trainer = Trainer(config, diffusion, pool, device, data_dir / "checkpoints" / "server.pt")
+        pool = Pool(data_dir / "pool.sqlite", full_check=pool_full_check)
+    except (PoolCorruptError, DiskFullError) as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        trainer = Trainer(
+            config,
+            diffusion,
+            pool,
+            device,
+            data_dir / "checkpoints" / "server.pt",
+            start_over=start_over,
+        )
     except ValueError as exc:
         pool.close()
         raise StartupError(str(exc)) from None
@@ -175,7 +208,7 @@ def start_server(
     audit = AuditLog(data_dir / "audit.log")
     receipts = ReceiptSigner(data_dir / "receipt.key")
     service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, receipts)
-    gate = Gate(auth, config.limits, audit)
+    gate = Gate(auth, config.limits, audit, service.counters)
     loop = _LoopThread()
 
     async def build() -> tuple[grpc.aio.Server, HealthServicer, int]:
@@ -194,6 +227,7 @@ def start_server(
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        asyncio.get_running_loop().create_task(_watch_trainer(health, trainer), name=TRAINER_HEALTH)
         return server, health, port
 
     try:

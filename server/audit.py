@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -16,7 +17,9 @@ from typing import Any
 
 from collafuse.common.files import create_private_file, read_private_bytes
 
+log = logging.getLogger("collafuse.server.audit")
 GENESIS = "0" * 64
+MAX_PENDING_LINES = 100_000
 RECEIPT_VERSION = "v1"
 
 
@@ -63,6 +66,8 @@ class AuditLog:
 
     Lines are flushed to the OS as they are written and fsynced on close, so a crash of the
     process loses nothing; a power loss may lose the last lines but never breaks the chain.
+    While the disk is full, lines wait in memory (up to MAX_PENDING_LINES) and are written
+    once space returns.
     """
 
     def __init__(self, path: Path) -> None:
@@ -70,7 +75,13 @@ class AuditLog:
         create_private_file(path)
         self._lock = threading.Lock()
         self._seq, self._prev = self._tail()
-        self._fh = path.open("a", encoding="utf-8")
+        # Unbuffered appends: after a failed or partial write we know exactly which bytes are
+        # on disk, so a retry neither repeats nor skips any.
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._pending = bytearray()  # bytes not yet written (a full disk)
+        self._held = 0  # lines in _pending
+        self._failing = False
+        self._lost = 0
 
     def _tail(self) -> tuple[int, str]:
         """Sequence number and hash of the last complete line, to continue the chain."""
@@ -88,7 +99,7 @@ class AuditLog:
         return seq, prev
 
     def append(self, who: str, rpc: str, verdict: str, **fields: Any) -> str:
-        """Write one entry; returns its hash."""
+        """Write one entry; returns its hash. A full disk delays lines, it never fails a call."""
         with self._lock:
             self._seq += 1
             record = {
@@ -101,18 +112,47 @@ class AuditLog:
                 "prev": self._prev,
             }
             record["hash"] = self._prev = _digest(self._prev, record)
-            self._fh.write(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
-            self._fh.flush()
+            if self._held < MAX_PENDING_LINES:
+                line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+                self._pending += line.encode()
+                self._held += 1
+            else:
+                # Past the bound the chain must break; say so instead of growing without end.
+                self._lost += 1
+            self._write_pending()
             return self._prev
 
-    def close(self) -> None:
-        """fsync and close."""
-        with self._lock:
-            if self._fh.closed:
+    def _write_pending(self) -> None:
+        """Write the bytes held back (a full disk); keep the rest for the next try."""
+        while self._pending and self._fd is not None:
+            try:
+                written = os.write(self._fd, self._pending)
+            except OSError as exc:
+                if not self._failing:
+                    log.error("cannot write the audit log %s (%s); holding lines", self.path, exc)
+                self._failing = True
                 return
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            del self._pending[:written]
+        if self._failing:
+            log.info("audit log %s is writable again", self.path)
+        if self._lost:
+            log.error("the audit log lost %d lines while the disk was full", self._lost)
+            self._lost = 0
+        self._held = 0
+        self._failing = False
+
+    def close(self) -> None:
+        """Write what is held, fsync and close (errors are logged: shutdown goes on)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            self._write_pending()
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error("audit log %s not synced on close: %s", self.path, exc)
+            os.close(self._fd)
+            self._fd = None
 
 
 class ReceiptSigner:

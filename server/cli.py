@@ -36,6 +36,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tls-revoked", type=Path, help="revoked-certificate list (pki revoke)")
     p.add_argument(
+        "--start-over",
+        action="store_true",
+        help="train from step 0, moving the checkpoints and training record in "
+        "DATA_DIR/checkpoints aside (for a lost or damaged checkpoint without a backup)",
+    )
+    p.add_argument(
+        "--full-pool-check",
+        action="store_true",
+        help="check every page of the pool at start-up (PRAGMA integrity_check), not just quickly",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -85,7 +96,7 @@ def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then checkpoint and exit 0; SIGHUP reloads tokens."""
     config = server_config_from_args(args)
     os.umask(0o077)  # everything the server writes is private to its user
-    running = start_server(config)
+    running = start_server(config, start_over=args.start_over, pool_full_check=args.full_pool_check)
     print(f"collafuse server listening on {running.address}", flush=True)
     done = threading.Event()
 

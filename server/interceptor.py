@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -24,6 +24,9 @@ from collafuse.common.config import LimitsConfig
 from collafuse.server.audit import AuditLog
 from collafuse.server.auth import Authenticator, Identity
 from collafuse.server.policy import PolicyError, Refusal
+
+if TYPE_CHECKING:
+    from collafuse.server.service import Counters
 
 log = logging.getLogger("collafuse.server.gate")
 
@@ -94,13 +97,21 @@ class _Buckets:
 class Gate(grpc.aio.ServerInterceptor):
     """Identify, limit and audit every call to the CollaFuse service."""
 
-    def __init__(self, auth: Authenticator, limits: LimitsConfig, audit: AuditLog | None) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        limits: LimitsConfig,
+        audit: AuditLog | None,
+        counters: Counters | None = None,
+    ) -> None:
         self.auth = auth
         self.limits = limits
         self.audit = audit
         self._buckets = _Buckets(limits.rate_per_s, limits.rate_burst)
         self._streams: dict[str, int] = {}
         self.refused = 0
+        """Calls refused before a handler ran (no identity)."""
+        self.counters = counters
 
     async def intercept_service(
         self,
@@ -151,17 +162,18 @@ class Gate(grpc.aio.ServerInterceptor):
             self.refused += 1
             await ctx.abort(STATUS_CODES[exc.kind], str(exc))
         who = identity.name or "anonymous"
-        # Without authentication (loopback development) there is no identity to count against:
-        # limits apply per connection, which keeps local clients from sharing one budget.
-        key = identity.name or ctx.peer()
-        if not self._buckets.take(key):
+        # Per-identity limits need identities: an unauthenticated (loopback) server has none,
+        # and connections are no substitute (gRPC shares one among a process's channels), so
+        # there only max_concurrent_rpcs and the idle deadline apply.
+        key = identity.name
+        if key is not None and not self._buckets.take(key):
             self._record(who, rpc, "RESOURCE_EXHAUSTED", started, limit="rate")
             await ctx.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{who} exceeds {self.limits.rate_per_s:g} calls/s (burst "
                 f"{self.limits.rate_burst}; limits.rate_per_s); slow down and retry",
             )
-        if streaming:
+        if streaming and key is not None:
             if self._streams.get(key, 0) >= self.limits.max_streams_per_client:
                 self._record(who, rpc, "RESOURCE_EXHAUSTED", started, limit="streams")
                 await ctx.abort(
@@ -187,7 +199,7 @@ class Gate(grpc.aio.ServerInterceptor):
             raise
         finally:
             _CALL.reset(token)
-            if streaming:
+            if streaming and key is not None:
                 self._streams[key] -= 1
                 if not self._streams[key]:
                     del self._streams[key]
@@ -210,6 +222,9 @@ class Gate(grpc.aio.ServerInterceptor):
                 "(limits.idle_timeout_s); the call was closed",
             )
         if isinstance(msg, _Undecodable):
+            # Counted (GetStatus malformed_requests) rather than logged one by one.
+            if self.counters is not None:
+                self.counters.malformed += 1
             await ctx.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request is not a valid collafuse.v1 message; check the client version",

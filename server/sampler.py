@@ -22,9 +22,12 @@ from collafuse.server.trainer import ModelHub
 log = logging.getLogger("collafuse.server.sampler")
 
 
-def sample_generators(seed: int, n: int) -> list[torch.Generator]:
+def sample_generators(seed: int, n: int, first_index: int = 0) -> list[torch.Generator]:
     """One generator per sample, derived from the request seed and the sample's index."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63)) for i in range(n)]
+    return [
+        torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63))
+        for i in range(first_index, first_index + n)
+    ]
 
 
 class _Precomputed:
@@ -108,9 +111,13 @@ class BatchingSampler:
         eta: float,
         label: int,
         shape: tuple[int, int, int],
+        first_index: int = 0,
     ) -> list[Job]:
-        """Queue n samples from x_T ~ N(0, I); returns the jobs (slices of at most max_batch)."""
-        gens = sample_generators(seed, n)
+        """Queue samples first_index .. first_index + n - 1 of a request, from x_T ~ N(0, I).
+
+        Returns the jobs (slices of at most max_batch).
+        """
+        gens = sample_generators(seed, n, first_index)
         jobs = []
         for lo in range(0, n, self.max_batch):
             g = gens[lo : lo + self.max_batch]

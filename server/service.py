@@ -26,13 +26,14 @@ from collafuse.common.domain import (
     Session,
     SynthesisChunk,
     SynthesisRequest,
+    UploadAck,
     UploadResult,
 )
 from collafuse.common.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
 from collafuse.server.audit import ReceiptSigner
 from collafuse.server.auth import Identity
 from collafuse.server.policy import Policy, PolicyError, Refusal
-from collafuse.server.pool import ClientRecord, Pool, PoolFullError
+from collafuse.server.pool import ClientRecord, DiskFullError, Pool, PoolFullError
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.trainer import Trainer, unconditional_label
 
@@ -47,6 +48,7 @@ class Counters:
     accepted: int = 0
     rejected: int = 0
     samples: int = 0
+    malformed: int = 0
 
 
 class CollaFuseService:
@@ -94,6 +96,8 @@ class CollaFuseService:
             )
         except PoolFullError as exc:
             raise PolicyError(Refusal.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DiskFullError as exc:
+            raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
         except ValueError as exc:
             raise PolicyError(Refusal.FAILED_PRECONDITION, str(exc)) from None
         log.info("registered %s as index %d at t_cut=%d", reg.client_id, record.client_index, t_cut)
@@ -137,11 +141,20 @@ class CollaFuseService:
         timesteps = self.diffusion.timesteps(T, record.t_cut, req.num_steps)
         label = unconditional_label(self.config) if req.mixture else record.client_index
         loop = asyncio.get_running_loop()
+        # Samples [offset, n) only: sample i depends on the seed and i alone, so a resumed
+        # request gets exactly what the interrupted one would have sent.
         jobs = self.sampler.submit(
-            req.n, req.seed, timesteps, req.sampler, req.eta, label, self.config.image.shape
+            req.n - req.offset,
+            req.seed,
+            timesteps,
+            req.sampler,
+            req.eta,
+            label,
+            self.config.image.shape,
+            first_index=req.offset,
         )
         per_chunk = max(1, CHUNK_BYTES // (4 * math.prod(self.config.image.shape)))
-        offset = 0
+        offset = req.offset
         try:
             for job in jobs:
                 ready = asyncio.Event()
@@ -160,7 +173,7 @@ class CollaFuseService:
                         model_version=job.model_version,
                     )
                     offset += part.shape[0]
-            self.counters.samples += req.n
+            self.counters.samples += req.n - req.offset
         finally:
             for job in jobs:
                 job.cancelled = True
@@ -181,6 +194,9 @@ class CollaFuseService:
             requests_served=self.counters.requests,
             schedule=self.schedule,
             nonfinite_steps=self.trainer.nonfinite_steps,
+            trainer_state=self.trainer.state,
+            trainer_restarts=self.trainer.restarts,
+            malformed_requests=self.counters.malformed,
         )
 
     def forget(self, client_id: str, caller: Identity) -> ForgetResult:
@@ -192,7 +208,10 @@ class CollaFuseService:
         caller.check_acts_as(client_id)
         record = self._registered(client_id)
         # The pool first: then no refresh of the trainer can bring the rows back.
-        deleted = self.pool.forget(client_id)
+        try:
+            deleted = self.pool.forget(client_id)
+        except DiskFullError as exc:
+            raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
         trained = self.trainer.forget(record.client_index)
         log.info(
             "forgot %d cut images of %s (trained into versions %s)", deleted, client_id, trained
@@ -253,10 +272,31 @@ class UploadStream:
                 f"of {quota} (policy.max_images_per_client)",
             )
         ids = [batch.image_ids[i] for i in keep]
-        a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, batch.cuts[keep])
+        try:
+            a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, batch.cuts[keep])
+        except DiskFullError as exc:
+            # Nothing of this message was stored; every message acknowledged before is kept.
+            raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
         self.accepted += a
         self.duplicate += d
         self.acknowledged += ids
+
+    def acknowledge(self, index: int, batch: CutBatch) -> UploadAck:
+        """Store one message (as `add`) and answer for it alone, with a receipt."""
+        before = (self.accepted, self.duplicate, len(self.rejections), len(self.acknowledged))
+        self.add(batch)
+        stored = self.acknowledged[before[3] :]
+        rejections = self.rejections[before[2] :]
+        svc = self.service
+        return UploadAck(
+            message=index,
+            accepted=self.accepted - before[0],
+            duplicate=self.duplicate - before[1],
+            rejected=len(rejections),
+            rejections=rejections,
+            pool_size=svc.pool.count(self.client_id) if self.client_id else 0,
+            receipt=svc.receipts.sign("upload", self.client_id, stored) if stored else "",
+        )
 
     def finish(self) -> UploadResult:
         """The answer to the stream, with a receipt for every image it acknowledged."""

@@ -83,6 +83,32 @@ class CollaFuseServicer(pb_grpc.CollaFuseServicer):
         )
         return serde.upload_result_to_proto(result)
 
+    async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadCutsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.UploadAck]:
+        call = current_call()
+        upload = self.service.open_upload(call.identity)
+        index = 0
+        try:
+            async for msg in request_iterator:
+                batch = serde.cut_batch_from_proto(msg)
+                # Durable before it is acknowledged and before the next message is read.
+                ack = await asyncio.to_thread(upload.acknowledge, index, batch)
+                yield serde.upload_ack_to_proto(ack)
+                index += 1
+            await asyncio.to_thread(upload.finish)  # totals for the counters and the log
+        except Exception as exc:
+            await _abort(context, exc)
+        finally:
+            call.counts.update(
+                messages=index,
+                accepted=upload.accepted,
+                duplicate=upload.duplicate,
+                rejected=len(upload.rejections),
+            )
+
     async def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SynthesizeChunk]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from collafuse.common.checkpoint import load_checkpoint, save_atomic
+from collafuse.common.checkpoint import (
+    checkpoint_files,
+    fsync_dir,
+    load_latest,
+    save_atomic,
+    write_bytes_atomic,
+)
 from collafuse.common.config import ServerConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
+from collafuse.common.files import private_dir
 from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, ema_update
 from collafuse.server.pool import Pool
 
@@ -108,6 +118,8 @@ class Trainer:
         pool: Pool | None,
         device: torch.device,
         checkpoint_path: Path,
+        *,
+        start_over: bool = False,
     ) -> None:
         self.config = config
         self.diffusion = diffusion
@@ -126,6 +138,15 @@ class Trainer:
         self.trained_since: dict[int, int] = {}
         """Per client index, the step after which its cut images were in the training set, so
         Forget can name the model versions that saw them (kept in the checkpoint)."""
+        self.start_over = start_over
+        """Move earlier checkpoints and their history aside and train from step 0."""
+        self.history_path = checkpoint_path.parent / "history.json"
+        """Records the last saved step, so a lost checkpoint is refused, not silently replaced."""
+        self.restarts = 0
+        """Times the training loop was restarted after an error (for GetStatus and health)."""
+        self._trouble: tuple[str, float | None] | None = None
+        """(reason, monotonic time of the restart or None) while the loop is down after an error."""
+        self._last_error: str | None = None
         self._resume()
         self.nonfinite_steps = 0
         """Steps skipped for a non-finite loss or gradient norm, plus steps whose weights came
@@ -148,25 +169,116 @@ class Trainer:
 
     # ----- checkpoints ---------------------------------------------------------------------
 
+    RESUME_REMEDY = (
+        "restore {path} from a backup, or start the server with --start-over, which moves the "
+        "checkpoint files aside and trains from step 0"
+    )
+    """What a damaged checkpoint's error tells the operator to do."""
+
     def _resume(self) -> None:
-        state = load_checkpoint(self.checkpoint_path)
-        if state is None:
+        if self.start_over:
+            self._start_afresh()
             return
-        saved = state["record"]["config"]
+        loaded = load_latest(self.checkpoint_path, self.RESUME_REMEDY)  # CheckpointError: damaged
+        history = self._read_history()
+        if loaded is None:
+            if history is not None:
+                raise ValueError(self._lost_checkpoint_message(history))
+            return
+        state, path = loaded.state, loaded.path
+        try:
+            saved = state["record"]["config"]
+            schedule_hash = state["schedule_hash"]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"{path} is not a server checkpoint (no config record or schedule); "
+                "point the server at another data dir, or start over with --start-over"
+            ) from None
         if saved["model"] != self.config.model.model_dump(mode="json"):
             raise ValueError(
-                f"checkpoint {self.checkpoint_path} was made with model {saved['model']}, "
+                f"checkpoint {path} was made with model {saved['model']}, "
                 "which differs from the configured one; use another data dir or the same model"
             )
-        if state["schedule_hash"] != self.diffusion.hash:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was made with another schedule")
+        if schedule_hash != self.diffusion.hash:
+            raise ValueError(f"checkpoint {path} was made with another schedule")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.last_loss = float(state.get("last_loss", math.nan))
         self.trained_since = {int(k): int(v) for k, v in state.get("trained_since", {}).items()}
-        log.info("resumed server model at step %d from %s", self.step, self.checkpoint_path)
+        recorded = history.get("step") if history is not None else None
+        if history is None:
+            self._record_history()  # a checkpoint from before the record existed
+        elif isinstance(recorded, int) and recorded > self.step:
+            log.warning(
+                "%s records a checkpoint of step %d, but the newest intact one is %s: training "
+                "resumes at step %d, and the training from there to step %d is lost",
+                self.history_path,
+                recorded,
+                path,
+                self.step,
+                recorded,
+            )
+        log.info("resumed server model at step %d from %s", self.step, path)
+
+    def _read_history(self) -> dict[str, Any] | None:
+        """The training record next to the checkpoints; None when there is none.
+
+        An unreadable record still says that training happened: it reads as an empty dict.
+        """
+        try:
+            text = self.history_path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _record_history(self) -> None:
+        """Note, next to the checkpoints, that training reached the saved step."""
+        record = {
+            "checkpoint": self.checkpoint_path.name,
+            "step": self.step,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_bytes_atomic((json.dumps(record) + "\n").encode(), self.history_path)
+
+    def _lost_checkpoint_message(self, history: dict[str, Any]) -> str:
+        step = history.get("step")
+        when = f" at step {step}" if isinstance(step, int) else ""
+        saved_at = f" ({history['saved_at']})" if isinstance(history.get("saved_at"), str) else ""
+        return (
+            f"the checkpoint {self.checkpoint_path} is missing, but {self.history_path} records "
+            f"one saved{when}{saved_at}: the checkpoints were deleted or moved, and starting at "
+            f"step 0 would silently throw that training away. Restore {self.checkpoint_path} "
+            "from a backup, or start the server with --start-over to train from step 0 "
+            "(the record is moved aside)"
+        )
+
+    def _start_afresh(self) -> None:
+        """--start-over: move the history record and every checkpoint aside, start at step 0."""
+        candidates = (self.history_path, *checkpoint_files(self.checkpoint_path))
+        old = [p for p in candidates if p.exists()]
+        if not old:
+            log.info("--start-over: no earlier checkpoint or history; training starts at step 0")
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        directory = private_dir(self.checkpoint_path.parent)
+        aside = Path(tempfile.mkdtemp(prefix=f"before-start-over-{stamp}-", dir=directory))
+        for p in old:
+            os.replace(p, aside / p.name)
+        fsync_dir(aside)
+        fsync_dir(aside.parent)
+        log.warning(
+            "--start-over: moved %s into %s; training starts at step 0",
+            ", ".join(p.name for p in old),
+            aside,
+        )
 
     def save(self) -> bool:
         """Write an atomic checkpoint of model, EMA, optimizer, step and config.
@@ -199,6 +311,7 @@ class Trainer:
             },
             self.checkpoint_path,
         )
+        self._record_history()
         return True
 
     # ----- non-finite defence ----------------------------------------------------------------
@@ -380,22 +493,102 @@ class Trainer:
                 self._remember_good()
                 log.info("step %d loss %.4f pool %d (checkpoint written)", self.step, loss, size)
 
+    RESTART_BACKOFF_S = 1.0
+    """Wait before the first restart after an error; it doubles with each further one."""
+    MAX_RESTART_BACKOFF_S = 60.0
+    """The longest wait between restarts; a loop that ran this long starts over at 1 s."""
+
     def start(self) -> None:
-        """Train in a background thread until stop()."""
+        """Train in a background thread, restarting after errors, until stop()."""
         self._thread = threading.Thread(target=self._guarded_run, name="trainer", daemon=True)
         self._thread.start()
 
+    @property
+    def state(self) -> str:
+        """What the trainer is doing, in words: "waiting for data", "training", "finished",
+        "failed: <reason>", "restarting in Ns after: <reason>" or "stopped"."""
+        trouble = self._trouble
+        if trouble is not None:
+            reason, restart_at = trouble
+            if restart_at is None:
+                return f"failed: {reason}"
+            left = max(0, math.ceil(restart_at - time.monotonic()))
+            return f"restarting in {left}s after: {reason}"
+        if self._stop.is_set():
+            return "stopped"
+        cfg = self.config.train
+        if cfg.max_steps and self.step >= cfg.max_steps:
+            return "finished"
+        if self._t_cut.numel() < cfg.min_pool:
+            return "waiting for data"
+        return "training"
+
+    @staticmethod
+    def _reason(exc: BaseException) -> str:
+        """A one-line reason for the state: the exception's type and first line."""
+        lines = str(exc).strip().splitlines()
+        text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        return text if len(text) <= 160 else text[:157] + "..."
+
     def _guarded_run(self) -> None:
-        try:
-            self._run()
-        except Exception:  # the service keeps serving what it has; the log says why
-            log.exception("trainer stopped on an error")
+        """Run the training loop; when it raises, log it, back off and run it again.
+
+        The server keeps serving the last published weights meanwhile. The wait starts at
+        RESTART_BACKOFF_S and doubles up to MAX_RESTART_BACKOFF_S, so a persistent fault (a
+        full disk, a broken GPU) neither spins nor floods the log; it waits on the stop event,
+        so stop() is prompt.
+        """
+        delay = self.RESTART_BACKOFF_S
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._run()
+                return  # _run returns only after stop()
+            except Exception as exc:
+                reason = self._reason(exc)
+                self._trouble = (reason, None)
+                if time.monotonic() - started >= self.MAX_RESTART_BACKOFF_S:
+                    delay = self.RESTART_BACKOFF_S  # it ran well for a while: a fresh fault
+                self._log_failure(exc, reason, delay)
+            except BaseException as exc:  # SystemExit and the like: the loop is gone for good
+                self._trouble = (self._reason(exc), None)
+                raise
+            self._trouble = (reason, time.monotonic() + delay)
+            if self._stop.wait(delay):
+                break
+            self.restarts += 1
+            self._trouble = None
+            log.info("training loop restarted at step %d (restart %d)", self.step, self.restarts)
+            delay = min(delay * 2, self.MAX_RESTART_BACKOFF_S)
+        self._trouble = None
+
+    def _log_failure(self, exc: Exception, reason: str, delay: float) -> None:
+        """The traceback once per distinct error; a repeat of the same one gets a single line."""
+        if reason == self._last_error:
+            log.error(
+                "training loop failed again at step %d (%s); restarting in %gs",
+                self.step,
+                reason,
+                delay,
+            )
+            return
+        self._last_error = reason
+        log.error(
+            "training loop failed at step %d; restarting in %gs (restart %d)",
+            self.step,
+            delay,
+            self.restarts + 1,
+            exc_info=exc,
+        )
 
     def stop(self) -> None:
-        """Stop training and write a final checkpoint."""
+        """Stop training (promptly, also while waiting to restart); write a final checkpoint."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if self.step:
-            self.save()
+            try:
+                self.save()
+            except Exception:  # the previous checkpoint stays; shutdown must go on
+                log.exception("could not write the final checkpoint at step %d", self.step)
             self._publish()

@@ -32,7 +32,7 @@ from collafuse.common.domain import (
     Session,
     SynthesisChunk,
     SynthesisRequest,
-    UploadResult,
+    UploadAck,
 )
 from collafuse.v1 import collafuse_pb2 as pb
 from collafuse.v1 import collafuse_pb2_grpc as pb_grpc
@@ -91,8 +91,8 @@ class FakeServer(pb_grpc.CollaFuseServicer):
     """Answers Register as told and accepts every upload, counting the messages it received.
 
     answer(cut_ratio) -> (t_cut, release_snr): what the server claims at registration.
-    break_first_upload_after: abort the first UploadCuts stream (UNAVAILABLE) after reading
-    that many messages, as a server that restarts mid-upload would.
+    break_first_upload_after: abort the first Upload stream (UNAVAILABLE) after reading that
+    many messages (acknowledging all but the last), as a server that restarts mid-upload would.
     """
 
     def __init__(
@@ -105,6 +105,8 @@ class FakeServer(pb_grpc.CollaFuseServicer):
         self.upload_calls = 0
         self.upload_messages = 0
         self.image_ids: list[str] = []
+        self.per_call: dict[int, list[str]] = {}
+        self.acked_ids: set[str] = set()
         self.lock = threading.Lock()
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> Any:
@@ -120,19 +122,21 @@ class FakeServer(pb_grpc.CollaFuseServicer):
         )
         return serde.session_to_proto(session)
 
-    def UploadCuts(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    def Upload(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         with self.lock:
             self.upload_calls += 1
             first = self.upload_calls == 1
-        ids: list[str] = []
         for k, msg in enumerate(request_iterator):
             with self.lock:
                 self.upload_messages += 1
                 self.image_ids.extend(msg.image_ids)
-            ids.extend(msg.image_ids)
+                self.per_call.setdefault(self.upload_calls, []).extend(msg.image_ids)
             if first and self.break_after is not None and k + 1 >= self.break_after:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-        return serde.upload_result_to_proto(UploadResult(accepted=len(ids), pool_size=len(ids)))
+            self.acked_ids.update(msg.image_ids)
+            yield serde.upload_ack_to_proto(
+                UploadAck(message=k, accepted=len(msg.image_ids), pool_size=len(self.acked_ids))
+            )
 
 
 def honest(cut_ratio: float) -> tuple[int, float]:
@@ -201,13 +205,18 @@ def test_the_client_floor_holds_even_when_the_server_agrees(tmp_path: Path) -> N
 def test_a_broken_stream_is_resent_without_counting_twice_and_never_at_another_cut(
     tmp_path: Path,
 ) -> None:
-    # The first stream breaks after 5 of 15 messages; the daemon redials and sends it all again.
+    # The first stream breaks after 5 of 15 messages (4 acknowledged); the daemon redials and
+    # resumes after the last acknowledged message.
     fake = FakeServer(honest, break_first_upload_after=5)
     with serving(fake) as address:
         config = tiny_client_config(tmp_path / "client", address)
         assert ClientDaemon(config).run() == 0
         assert fake.upload_calls == 2 and len(set(fake.image_ids)) == 60
-        assert len(fake.image_ids) > 60  # some images did cross twice, as the same bytes
+        first, second = fake.per_call[1], fake.per_call[2]
+        assert len(first) == 20  # 5 messages of 4 images
+        # The second stream carries exactly what was not acknowledged: the 5th message again
+        # (the same bytes) and the rest; nothing acknowledged crosses twice.
+        assert set(second) == set(fake.image_ids) - set(first[:16]) and len(second) == 44
         # One release per image, each image's bytes once, all acknowledged.
         assert ledger_summary(config) == (60, 60, 60, 60 * PER_IMAGE)
         assert read_status(config)["bytes_released"] == 60 * PER_IMAGE

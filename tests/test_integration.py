@@ -72,6 +72,21 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, handler.request_deserializer, handler.response_serializer
             )
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(it: AsyncIterator[Any], ctx: Any) -> AsyncIterator[Any]:
+                async def audited() -> AsyncIterator[Any]:
+                    async for m in it:
+                        self._record(method, m)
+                        yield m
+
+                async for reply in inner_ss(audited(), ctx):
+                    yield reply
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -208,13 +223,13 @@ def test_two_clients_end_to_end_with_audit(
         assert summary.images_released == 60 and summary.images_acknowledged == 60
         assert summary.t_cuts == [t_cut] and summary.bytes_released == 60 * 64 * 4
 
-    # Audit: only UploadCuts carried tensors; every tensor is exactly the client's cut image,
+    # Audit: only uploads carried tensors; every tensor is exactly the client's cut image,
     # at or above the registered noise level, and no raw pixel array ever crossed.
     diffusion = Diffusion.from_config(running.config.schedule)
     sigma = math.sqrt(1 - diffusion.alpha_bar(t_cut))
     received: dict[str, torch.Tensor] = {}
     for method, msg in audit.messages:
-        if not method.endswith("/UploadCuts"):
+        if not method.endswith(("/UploadCuts", "/Upload")):
             assert not any(f.message_type is not None and f.message_type.name == "Tensor"
                            for f, _ in msg.ListFields()), method  # fmt: skip
             continue

@@ -159,17 +159,16 @@ def test_mutual_tls_identities(
         r.close()
 
     # Every authenticated call is in the audit log, and the chain verifies.
-    mtls_server.audit._fh.flush()
     check = verify_chain(mtls_server.config.data_dir / "audit.log")
     assert check.ok and check.entries >= 10, check.message
     lines = [
         json.loads(x) for x in (mtls_server.config.data_dir / "audit.log").read_text().splitlines()
     ]
     who = {(e["who"], e["rpc"], e["verdict"]) for e in lines}
-    assert ("alice", "UploadCuts", "OK") in who
+    assert ("alice", "Upload", "OK") in who
     assert ("alice", "Register", "PERMISSION_DENIED") in who
     assert ("?", "GetStatus", "UNAUTHENTICATED") in who  # bob after revocation
-    uploads = [e for e in lines if e["rpc"] == "UploadCuts" and e["verdict"] == "OK"]
+    uploads = [e for e in lines if e["rpc"] == "Upload" and e["verdict"] == "OK"]
     assert sum(e["accepted"] for e in uploads) == 60
 
 
@@ -234,13 +233,23 @@ def test_token_expiry_and_reload(tmp_path: Path) -> None:
         running.stop()
 
 
-def test_half_open_calls_do_not_block_others(tmp_path: Path) -> None:
+def _token_server(tmp_path: Path, names: list[str], **limits: Any) -> RunningServer:
+    """A loopback server whose clients authenticate with tokens named `<name>-secret`."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text("".join(f'{n} = "{hash_token(n + "-secret")}"\n' for n in names))
     config = tiny_server_config(tmp_path / "server").model_copy(
-        update={"limits": ServerConfig().limits.model_copy(update={"idle_timeout_s": 2.0})}
+        update={
+            "auth_tokens": tokens,
+            "limits": ServerConfig().limits.model_copy(update=limits),
+        }
     )
-    running = start_server(config)
+    return start_server(config)
+
+
+def test_half_open_calls_do_not_block_others(tmp_path: Path) -> None:
+    running = _token_server(tmp_path, ["mallory", "honest"], idle_timeout_s=2.0, rate_burst=100)
     hold = threading.Event()
-    channel = open_channel(running.address, insecure=True)
+    channel = open_channel(running.address, insecure=True, token="mallory-secret")
     try:
         # Calls that send their headers and then nothing: 40 Register, 20 UploadCuts.
         def silent() -> Iterator[pb.RegisterRequest]:
@@ -263,7 +272,7 @@ def test_half_open_calls_do_not_block_others(tmp_path: Path) -> None:
         futures += [upload.future(silent(), timeout=TIMEOUT) for _ in range(20)]
         time.sleep(0.3)
         # Another client is served at once, start to finish.
-        honest = Remote(open_channel(running.address, insecure=True))
+        honest = Remote(open_channel(running.address, insecure=True, token="honest-secret"))
         session = honest.register(Registration("honest", **REG))  # type: ignore[arg-type]
         d = Diffusion.from_config(running.config.schedule)
         x0 = torch.rand(8, 1, 8, 8) * 2 - 1
@@ -273,13 +282,15 @@ def test_half_open_calls_do_not_block_others(tmp_path: Path) -> None:
         assert len(list(honest.synthesize(SynthesisRequest("honest", 2, 0, num_steps=3)))) == 1
         assert time.monotonic() - started < 10
         honest.close()
-        # The silent calls are closed by the idle limit (or refused by the stream limit).
-        codes = []
+        # The silent calls are closed by the idle limit or refused by the stream limit.
+        details = []
         for f in futures:
             with pytest.raises(grpc.RpcError) as info:
                 f.result(timeout=TIMEOUT)
-            codes.append(info.value.code())
-        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details.append(info.value.details())
+        assert sum("idle_timeout_s" in d for d in details) == 40 + 4
+        assert sum("max_streams_per_client" in d for d in details) == 16
         assert time.monotonic() - started < 15
     finally:
         hold.set()
@@ -288,13 +299,10 @@ def test_half_open_calls_do_not_block_others(tmp_path: Path) -> None:
 
 
 def test_rate_limit_and_rejection_limit(tmp_path: Path) -> None:
-    limits = ServerConfig().limits.model_copy(
-        update={"rate_per_s": 0.5, "rate_burst": 3, "max_rejected_per_upload": 4}
+    running = _token_server(
+        tmp_path, ["c"], rate_per_s=0.5, rate_burst=3, max_rejected_per_upload=4
     )
-    running = start_server(
-        tiny_server_config(tmp_path / "server").model_copy(update={"limits": limits})
-    )
-    remote = Remote(open_channel(running.address, insecure=True))
+    remote = Remote(open_channel(running.address, insecure=True, token="c-secret"))
     try:
         session = remote.register(Registration("c", **REG))  # type: ignore[arg-type]
         x0 = torch.rand(10, 1, 8, 8) * 2 - 1  # clean images: every one is refused
@@ -364,6 +372,7 @@ def test_poisoned_upload_leaves_the_model_finite(tmp_path: Path) -> None:
 def test_forget_and_file_modes(tmp_path: Path) -> None:
     from collafuse.client.daemon import ClientDaemon, state_paths
     from collafuse.client.ledger import Ledger
+    from collafuse.client.secret import load_or_create_secret, wire_id
 
     running = start_server(tiny_server_config(tmp_path / "server", max_steps=4))
     try:
@@ -377,7 +386,14 @@ def test_forget_and_file_modes(tmp_path: Path) -> None:
         # Receipts: every acknowledged release carries the server's receipt.
         ledger = Ledger(state_paths(cfg)["ledger"])
         assert ledger.summary().images_acknowledged == 60
+        receipts = ledger.receipts()
         ledger.close()
+        assert len(receipts) == 60 and len(set(receipts.values())) == 1  # one stream
+        secret = load_or_create_secret(state_paths(cfg)["secret"])
+        wire = [wire_id(secret, local) for local in receipts]
+        signer = running.service.receipts
+        assert signer.verify(next(iter(receipts.values())), "upload", "client-0", wire)
+        assert not signer.verify(next(iter(receipts.values())), "upload", "client-0", wire[1:])
         result = remote.forget("client-0")
         assert result.deleted == 60 and running.pool.count("client-0") == 0
         assert 1 <= result.trained_from_version <= result.trained_to_version == 4
@@ -436,3 +452,55 @@ def test_audit_chain_detects_an_edited_line(tmp_path: Path) -> None:
     del lines[2]
     path.write_text("\n".join(lines) + "\n")
     assert not verify_chain(path).ok
+
+
+def test_trainer_health_and_status_follow_a_failing_trainer(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = start_server(tiny_server_config(tmp_path / "server"))
+    channel = open_channel(running.address, insecure=True)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def trainer_health() -> int:
+        req = health_pb2.HealthCheckRequest(service="collafuse.v1.Trainer")
+        return int(health.Check(req, timeout=TIMEOUT).status)
+
+    try:
+        remote = Remote(channel)
+        session = remote.register(Registration("c", **REG))  # type: ignore[arg-type]
+        assert trainer_health() == health_pb2.HealthCheckResponse.SERVING
+        # The trainer fails on every step: it is restarted with backoff, health says so, and
+        # synthesis keeps serving meanwhile.
+        broken = running.trainer.train_step
+
+        def fail() -> float:
+            raise RuntimeError("injected failure")
+
+        running.trainer.train_step = fail  # type: ignore[method-assign]
+        d = Diffusion.from_config(running.config.schedule)
+        cuts = d.q_sample(
+            torch.rand(8, 1, 8, 8) * 2 - 1, torch.full((8,), session.t_cut), torch.randn(8, 1, 8, 8)
+        )
+        remote.upload([CutBatch("c", session.t_cut, [f"i{k}" for k in range(8)], cuts)])
+        deadline = time.monotonic() + 20
+        while trainer_health() == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never showed the failed trainer"
+            time.sleep(0.2)
+        status = remote.status()
+        assert "injected failure" in status.trainer_state
+        assert len(list(remote.synthesize(SynthesisRequest("c", 2, 0, num_steps=3)))) == 1
+        # Fixed again: the next restart trains, and health recovers.
+        running.trainer.train_step = broken  # type: ignore[method-assign]
+        deadline = time.monotonic() + 20
+        while trainer_health() != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never recovered"
+            time.sleep(0.2)
+        assert remote.status().trainer_restarts >= 1
+        # Undecodable requests are counted, not logged one by one.
+        raw = channel.unary_unary("/collafuse.v1.CollaFuse/GetStatus")
+        with pytest.raises(grpc.RpcError):
+            raw(b"\xff" * 9, timeout=TIMEOUT)
+        assert remote.status().malformed_requests == 1
+    finally:
+        channel.close()
+        running.stop()

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from collafuse.common import pki_cli
     from collafuse.experiments import cli as experiment_cli
     from collafuse.server import cli as server_cli
+    from collafuse.server import pool_cli
 
     parser = argparse.ArgumentParser(prog="collafuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"collafuse {__version__}")
@@ -28,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_commands(sub)
     experiment_cli.add_commands(sub)
     pki_cli.add_commands(sub)
+    pool_cli.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    import grpc
+
     from collafuse.common.config import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -47,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except grpc.RpcError as exc:
+        # The server's own words, not the call object's repr.
+        code = exc.code() if hasattr(exc, "code") else None
+        name = code.name if code is not None else "ERROR"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"collafuse: the server answered {name}: {details}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if args.verbose:
             raise

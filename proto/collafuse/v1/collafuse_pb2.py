@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ollafuse/v1/collafuse.proto\x12\x0c\x63ollafuse.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x89\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x11\n\tcut_ratio\x18\x03 \x01(\x01\x12\x10\n\x08\x65xposure\x18\x04 \x01(\t\x12\x15\n\rschedule_hash\x18\x05 \x01(\t\x12\x12\n\nnum_images\x18\x06 \x01(\x03\"u\n\x08Schedule\x12\x15\n\rnum_timesteps\x18\x01 \x01(\x05\x12\x15\n\rbeta_schedule\x18\x02 \x01(\t\x12\x12\n\nbeta_start\x18\x03 \x01(\x01\x12\x10\n\x08\x62\x65ta_end\x18\x04 \x01(\x01\x12\x15\n\rschedule_hash\x18\x05 \x01(\t\"\xa8\x01\n\x10RegisterResponse\x12(\n\x08schedule\x18\x01 \x01(\x0b\x32\x16.collafuse.v1.Schedule\x12\r\n\x05t_cut\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x14\n\x0c\x63lient_index\x18\x04 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x13\n\x0brelease_snr\x18\x06 \x01(\x01\"l\n\x11UploadCutsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05t_cut\x18\x02 \x01(\x05\x12\x11\n\timage_ids\x18\x03 \x03(\t\x12\"\n\x04\x63uts\x18\x04 \x01(\x0b\x32\x14.collafuse.v1.Tensor\"-\n\tRejection\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x01\n\x12UploadCutsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12+\n\nrejections\x18\x04 \x03(\x0b\x32\x17.collafuse.v1.Rejection\x12\x11\n\tpool_size\x18\x05 \x01(\x03\x12\x0f\n\x07receipt\x18\x06 \x01(\t\"\x98\x01\n\x11SynthesizeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12&\n\x07sampler\x18\x04 \x01(\x0e\x32\x15.collafuse.v1.Sampler\x12\x11\n\tnum_steps\x18\x05 \x01(\x05\x12\x0b\n\x03\x65ta\x18\x06 \x01(\x01\x12\x0f\n\x07mixture\x18\x07 \x01(\x08\"\x80\x01\n\x0fSynthesizeChunk\x12\x10\n\x08timestep\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12%\n\x07samples\x18\x04 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\"\x12\n\x10GetStatusRequest\"X\n\nClientPool\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\x05\x12\r\n\x05t_cut\x18\x03 \x01(\x05\x12\x12\n\nnum_images\x18\x04 \x01(\x03\"\x92\x02\n\x11GetStatusResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x12\n\ntrain_step\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\'\n\x05pools\x18\x04 \x03(\x0b\x32\x18.collafuse.v1.ClientPool\x12\x11\n\tlast_loss\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x18\n\x10model_parameters\x18\x07 \x01(\x03\x12\x17\n\x0frequests_served\x18\x08 \x01(\x03\x12(\n\x08schedule\x18\t \x01(\x0b\x32\x16.collafuse.v1.Schedule\x12\x17\n\x0fnonfinite_steps\x18\n \x01(\x03\"\"\n\rForgetRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"l\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x1c\n\x14trained_from_version\x18\x02 \x01(\x03\x12\x1a\n\x12trained_to_version\x18\x03 \x01(\x03\x12\x0f\n\x07receipt\x18\x04 \x01(\t*F\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02\x32\x8c\x03\n\tCollaFuse\x12I\n\x08Register\x12\x1d.collafuse.v1.RegisterRequest\x1a\x1e.collafuse.v1.RegisterResponse\x12Q\n\nUploadCuts\x12\x1f.collafuse.v1.UploadCutsRequest\x1a .collafuse.v1.UploadCutsResponse(\x01\x12N\n\nSynthesize\x12\x1f.collafuse.v1.SynthesizeRequest\x1a\x1d.collafuse.v1.SynthesizeChunk0\x01\x12L\n\tGetStatus\x12\x1e.collafuse.v1.GetStatusRequest\x1a\x1f.collafuse.v1.GetStatusResponse\x12\x43\n\x06\x46orget\x12\x1b.collafuse.v1.ForgetRequest\x1a\x1c.collafuse.v1.ForgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ollafuse/v1/collafuse.proto\x12\x0c\x63ollafuse.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x89\x01\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_shape\x18\x02 \x03(\x05\x12\x11\n\tcut_ratio\x18\x03 \x01(\x01\x12\x10\n\x08\x65xposure\x18\x04 \x01(\t\x12\x15\n\rschedule_hash\x18\x05 \x01(\t\x12\x12\n\nnum_images\x18\x06 \x01(\x03\"u\n\x08Schedule\x12\x15\n\rnum_timesteps\x18\x01 \x01(\x05\x12\x15\n\rbeta_schedule\x18\x02 \x01(\t\x12\x12\n\nbeta_start\x18\x03 \x01(\x01\x12\x10\n\x08\x62\x65ta_end\x18\x04 \x01(\x01\x12\x15\n\rschedule_hash\x18\x05 \x01(\t\"\xa8\x01\n\x10RegisterResponse\x12(\n\x08schedule\x18\x01 \x01(\x0b\x32\x16.collafuse.v1.Schedule\x12\r\n\x05t_cut\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x14\n\x0c\x63lient_index\x18\x04 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x13\n\x0brelease_snr\x18\x06 \x01(\x01\"l\n\x11UploadCutsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05t_cut\x18\x02 \x01(\x05\x12\x11\n\timage_ids\x18\x03 \x03(\t\x12\"\n\x04\x63uts\x18\x04 \x01(\x0b\x32\x14.collafuse.v1.Tensor\"-\n\tRejection\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x01\n\x12UploadCutsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12+\n\nrejections\x18\x04 \x03(\x0b\x32\x17.collafuse.v1.Rejection\x12\x11\n\tpool_size\x18\x05 \x01(\x03\x12\x0f\n\x07receipt\x18\x06 \x01(\t\"\xa4\x01\n\tUploadAck\x12\x0f\n\x07message\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x03\x12\x10\n\x08rejected\x18\x04 \x01(\x03\x12+\n\nrejections\x18\x05 \x03(\x0b\x32\x17.collafuse.v1.Rejection\x12\x11\n\tpool_size\x18\x06 \x01(\x03\x12\x0f\n\x07receipt\x18\x07 \x01(\t\"\xa8\x01\n\x11SynthesizeRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12&\n\x07sampler\x18\x04 \x01(\x0e\x32\x15.collafuse.v1.Sampler\x12\x11\n\tnum_steps\x18\x05 \x01(\x05\x12\x0b\n\x03\x65ta\x18\x06 \x01(\x01\x12\x0f\n\x07mixture\x18\x07 \x01(\x08\x12\x0e\n\x06offset\x18\x08 \x01(\x05\"\x80\x01\n\x0fSynthesizeChunk\x12\x10\n\x08timestep\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12%\n\x07samples\x18\x04 \x01(\x0b\x32\x14.collafuse.v1.Tensor\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\"\x12\n\x10GetStatusRequest\"X\n\nClientPool\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x02 \x01(\x05\x12\r\n\x05t_cut\x18\x03 \x01(\x05\x12\x12\n\nnum_images\x18\x04 \x01(\x03\"\xdf\x02\n\x11GetStatusResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x12\n\ntrain_step\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\'\n\x05pools\x18\x04 \x03(\x0b\x32\x18.collafuse.v1.ClientPool\x12\x11\n\tlast_loss\x18\x05 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x18\n\x10model_parameters\x18\x07 \x01(\x03\x12\x17\n\x0frequests_served\x18\x08 \x01(\x03\x12(\n\x08schedule\x18\t \x01(\x0b\x32\x16.collafuse.v1.Schedule\x12\x17\n\x0fnonfinite_steps\x18\n \x01(\x03\x12\x15\n\rtrainer_state\x18\x0b \x01(\t\x12\x18\n\x10trainer_restarts\x18\x0c \x01(\x03\x12\x1a\n\x12malformed_requests\x18\r \x01(\x03\"\"\n\rForgetRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"l\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x1c\n\x14trained_from_version\x18\x02 \x01(\x03\x12\x1a\n\x12trained_to_version\x18\x03 \x01(\x03\x12\x0f\n\x07receipt\x18\x04 \x01(\t*F\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x10\n\x0cSAMPLER_DDPM\x10\x01\x12\x10\n\x0cSAMPLER_DDIM\x10\x02\x32\xd4\x03\n\tCollaFuse\x12I\n\x08Register\x12\x1d.collafuse.v1.RegisterRequest\x1a\x1e.collafuse.v1.RegisterResponse\x12Q\n\nUploadCuts\x12\x1f.collafuse.v1.UploadCutsRequest\x1a .collafuse.v1.UploadCutsResponse(\x01\x12\x46\n\x06Upload\x12\x1f.collafuse.v1.UploadCutsRequest\x1a\x17.collafuse.v1.UploadAck(\x01\x30\x01\x12N\n\nSynthesize\x12\x1f.collafuse.v1.SynthesizeRequest\x1a\x1d.collafuse.v1.SynthesizeChunk0\x01\x12L\n\tGetStatus\x12\x1e.collafuse.v1.GetStatusRequest\x1a\x1f.collafuse.v1.GetStatusResponse\x12\x43\n\x06\x46orget\x12\x1b.collafuse.v1.ForgetRequest\x1a\x1c.collafuse.v1.ForgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collafuse.v1.collafuse_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=1665
-  _globals['_SAMPLER']._serialized_end=1735
+  _globals['_SAMPLER']._serialized_start=1925
+  _globals['_SAMPLER']._serialized_end=1995
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=98
   _globals['_REGISTERREQUEST']._serialized_start=101
@@ -47,20 +47,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTION']._serialized_end=685
   _globals['_UPLOADCUTSRESPONSE']._serialized_start=688
   _globals['_UPLOADCUTSRESPONSE']._serialized_end=844
-  _globals['_SYNTHESIZEREQUEST']._serialized_start=847
-  _globals['_SYNTHESIZEREQUEST']._serialized_end=999
-  _globals['_SYNTHESIZECHUNK']._serialized_start=1002
-  _globals['_SYNTHESIZECHUNK']._serialized_end=1130
-  _globals['_GETSTATUSREQUEST']._serialized_start=1132
-  _globals['_GETSTATUSREQUEST']._serialized_end=1150
-  _globals['_CLIENTPOOL']._serialized_start=1152
-  _globals['_CLIENTPOOL']._serialized_end=1240
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1243
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1517
-  _globals['_FORGETREQUEST']._serialized_start=1519
-  _globals['_FORGETREQUEST']._serialized_end=1553
-  _globals['_FORGETRESPONSE']._serialized_start=1555
-  _globals['_FORGETRESPONSE']._serialized_end=1663
-  _globals['_COLLAFUSE']._serialized_start=1738
-  _globals['_COLLAFUSE']._serialized_end=2134
+  _globals['_UPLOADACK']._serialized_start=847
+  _globals['_UPLOADACK']._serialized_end=1011
+  _globals['_SYNTHESIZEREQUEST']._serialized_start=1014
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=1182
+  _globals['_SYNTHESIZECHUNK']._serialized_start=1185
+  _globals['_SYNTHESIZECHUNK']._serialized_end=1313
+  _globals['_GETSTATUSREQUEST']._serialized_start=1315
+  _globals['_GETSTATUSREQUEST']._serialized_end=1333
+  _globals['_CLIENTPOOL']._serialized_start=1335
+  _globals['_CLIENTPOOL']._serialized_end=1423
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1426
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1777
+  _globals['_FORGETREQUEST']._serialized_start=1779
+  _globals['_FORGETREQUEST']._serialized_end=1813
+  _globals['_FORGETRESPONSE']._serialized_start=1815
+  _globals['_FORGETRESPONSE']._serialized_end=1923
+  _globals['_COLLAFUSE']._serialized_start=1998
+  _globals['_COLLAFUSE']._serialized_end=2466
 # @@protoc_insertion_point(module_scope)

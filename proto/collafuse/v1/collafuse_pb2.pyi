@@ -108,8 +108,26 @@ class UploadCutsResponse(_message.Message):
     receipt: str
     def __init__(self, accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pool_size: _Optional[int] = ..., receipt: _Optional[str] = ...) -> None: ...
 
+class UploadAck(_message.Message):
+    __slots__ = ("message", "accepted", "duplicate", "rejected", "rejections", "pool_size", "receipt")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    message: int
+    accepted: int
+    duplicate: int
+    rejected: int
+    rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
+    pool_size: int
+    receipt: str
+    def __init__(self, message: _Optional[int] = ..., accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pool_size: _Optional[int] = ..., receipt: _Optional[str] = ...) -> None: ...
+
 class SynthesizeRequest(_message.Message):
-    __slots__ = ("client_id", "n", "seed", "sampler", "num_steps", "eta", "mixture")
+    __slots__ = ("client_id", "n", "seed", "sampler", "num_steps", "eta", "mixture", "offset")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +135,7 @@ class SynthesizeRequest(_message.Message):
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     ETA_FIELD_NUMBER: _ClassVar[int]
     MIXTURE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     n: int
     seed: int
@@ -124,7 +143,8 @@ class SynthesizeRequest(_message.Message):
     num_steps: int
     eta: float
     mixture: bool
-    def __init__(self, client_id: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., num_steps: _Optional[int] = ..., eta: _Optional[float] = ..., mixture: _Optional[bool] = ...) -> None: ...
+    offset: int
+    def __init__(self, client_id: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., num_steps: _Optional[int] = ..., eta: _Optional[float] = ..., mixture: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class SynthesizeChunk(_message.Message):
     __slots__ = ("timestep", "offset", "total", "samples", "model_version")
@@ -157,7 +177,7 @@ class ClientPool(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_index: _Optional[int] = ..., t_cut: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_version", "train_step", "uptime_s", "pools", "last_loss", "device", "model_parameters", "requests_served", "schedule", "nonfinite_steps")
+    __slots__ = ("model_version", "train_step", "uptime_s", "pools", "last_loss", "device", "model_parameters", "requests_served", "schedule", "nonfinite_steps", "trainer_state", "trainer_restarts", "malformed_requests")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STEP_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +188,9 @@ class GetStatusResponse(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_STATE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     train_step: int
     uptime_s: float
@@ -178,7 +201,10 @@ class GetStatusResponse(_message.Message):
     requests_served: int
     schedule: Schedule
     nonfinite_steps: int
-    def __init__(self, model_version: _Optional[int] = ..., train_step: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[ClientPool, _Mapping]]] = ..., last_loss: _Optional[float] = ..., device: _Optional[str] = ..., model_parameters: _Optional[int] = ..., requests_served: _Optional[int] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., nonfinite_steps: _Optional[int] = ...) -> None: ...
+    trainer_state: str
+    trainer_restarts: int
+    malformed_requests: int
+    def __init__(self, model_version: _Optional[int] = ..., train_step: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pools: _Optional[_Iterable[_Union[ClientPool, _Mapping]]] = ..., last_loss: _Optional[float] = ..., device: _Optional[str] = ..., model_parameters: _Optional[int] = ..., requests_served: _Optional[int] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., nonfinite_steps: _Optional[int] = ..., trainer_state: _Optional[str] = ..., trainer_restarts: _Optional[int] = ..., malformed_requests: _Optional[int] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
     __slots__ = ("client_id",)

@@ -44,6 +44,11 @@ class CollaFuseStub:
                 request_serializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.SerializeToString,
                 response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsResponse.FromString,
                 _registered_method=True)
+        self.Upload = channel.stream_stream(
+                '/collafuse.v1.CollaFuse/Upload',
+                request_serializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.SerializeToString,
+                response_deserializer=collafuse_dot_v1_dot_collafuse__pb2.UploadAck.FromString,
+                _registered_method=True)
         self.Synthesize = channel.unary_stream(
                 '/collafuse.v1.CollaFuse/Synthesize',
                 request_serializer=collafuse_dot_v1_dot_collafuse__pb2.SynthesizeRequest.SerializeToString,
@@ -72,6 +77,14 @@ class CollaFuseServicer:
 
     def UploadCuts(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upload(self, request_iterator, context):
+        """Like UploadCuts, but each message is acknowledged as soon as it is durable, so an
+        interrupted upload resumes after the last acknowledged message.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -106,6 +119,11 @@ def add_CollaFuseServicer_to_server(servicer, server):
                     servicer.UploadCuts,
                     request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.FromString,
                     response_serializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsResponse.SerializeToString,
+            ),
+            'Upload': grpc.stream_stream_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.FromString,
+                    response_serializer=collafuse_dot_v1_dot_collafuse__pb2.UploadAck.SerializeToString,
             ),
             'Synthesize': grpc.unary_stream_rpc_method_handler(
                     servicer.Synthesize,
@@ -177,6 +195,33 @@ class CollaFuse:
             '/collafuse.v1.CollaFuse/UploadCuts',
             collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.SerializeToString,
             collafuse_dot_v1_dot_collafuse__pb2.UploadCutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/collafuse.v1.CollaFuse/Upload',
+            collafuse_dot_v1_dot_collafuse__pb2.UploadCutsRequest.SerializeToString,
+            collafuse_dot_v1_dot_collafuse__pb2.UploadAck.FromString,
             options,
             channel_credentials,
             insecure,
