@@ -140,8 +140,9 @@ class PolicyConfig(_Frozen):
 class LimitsConfig(_Frozen):
     """Bounds that keep one caller from starving the others; a refusal is RESOURCE_EXHAUSTED."""
 
-    max_concurrent_rpcs: int = Field(default=256, ge=1)
-    """Calls the server handles at once, all callers together; more are refused at once."""
+    max_concurrent_rpcs: int = Field(default=1024, ge=1)
+    """Calls the server handles at once, all callers together; more are refused at once. Each
+    waiting call costs a coroutine, not a thread; silent ones end after idle_timeout_s."""
     max_streams_per_client: int = Field(default=4, ge=1)
     """Open UploadCuts and Synthesize streams per identity."""
     idle_timeout_s: float = Field(default=30.0, gt=0)

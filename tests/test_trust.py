@@ -504,3 +504,35 @@ def test_trainer_health_and_status_follow_a_failing_trainer(tmp_path: Path) -> N
     finally:
         channel.close()
         running.stop()
+
+
+def test_256_concurrent_streams_on_one_server(tmp_path: Path) -> None:
+    import asyncio
+
+    import grpc.aio
+
+    from collafuse.common.limits import channel_options
+    from collafuse.v1 import collafuse_pb2_grpc as pb_grpc
+
+    running = start_server(tiny_server_config(tmp_path / "server"))
+    try:
+        Remote(open_channel(running.address, insecure=True)).register(
+            Registration("c", **REG)  # type: ignore[arg-type]
+        )
+
+        async def main() -> list[int]:
+            async with grpc.aio.insecure_channel(running.address, options=channel_options()) as ch:
+                stub = pb_grpc.CollaFuseStub(ch)
+
+                async def one(seed: int) -> int:
+                    req = pb.SynthesizeRequest(client_id="c", n=1, seed=seed, num_steps=2)
+                    return len([c async for c in stub.Synthesize(req, timeout=120)])
+
+                return await asyncio.gather(*(one(i) for i in range(256)))
+
+        started = running.sampler.forward_calls
+        assert asyncio.run(main()) == [1] * 256
+        # They were batched together, not served one after another.
+        assert running.sampler.forward_calls - started < 256
+    finally:
+        running.stop()
