@@ -13,7 +13,7 @@ from types import FrameType
 
 import torch
 
-from collafuse.common.config import ClientConfig, load_config
+from collafuse.common.config import SAMPLERS, ClientConfig, load_config
 
 log = logging.getLogger("collafuse.client")
 
@@ -43,7 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     syn.add_argument("--n", type=int, default=64, help="number of images")
     syn.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: synth.sampler")
+    syn.add_argument("--sampler", choices=SAMPLERS, help="default: synth.sampler")
     syn.add_argument("--server-steps", type=int, help="steps T..t_cut (0 = all)")
     syn.add_argument("--client-steps", type=int, help="steps t_cut..0 (0 = all)")
     syn.add_argument("--mixture", action="store_true", help="all clients' mixture")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from collafuse import __version__
+
+# The samplers of the reverse chain, one registry: the diffusion math implements each, and the
+# wire enum (SAMPLER_<NAME>), the config fields and the CLI choices follow from this list.
+SamplerKind = Literal["ddpm", "ddim"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerKind)
 
 
 class ConfigError(ValueError):
@@ -302,7 +307,7 @@ class ClientTrainConfig(_Frozen):
 class SynthConfig(_Frozen):
     """Defaults for `collafuse client synthesize`."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: SamplerKind = "ddim"
     """Sampler on both halves of the chain."""
     server_steps: int = Field(default=50, ge=0)
     """Steps the server takes from T to t_cut (0 = every timestep)."""

@@ -12,17 +12,15 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from collafuse.common.config import ScheduleConfig
+from collafuse.common.config import SAMPLERS, SamplerKind, ScheduleConfig
 
 # (x_t (B, C, H, W), t (B,) int64) -> predicted noise (B, C, H, W)
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-SamplerKind = Literal["ddpm", "ddim"]
 
 
 def make_betas(config: ScheduleConfig) -> np.ndarray:
@@ -215,7 +213,7 @@ class Diffusion:
 
     def step(
         self,
-        model: Denoiser,
+        eps_hat: Tensor,
         x_t: Tensor,
         t: Tensor,
         s: Tensor,
@@ -224,14 +222,16 @@ class Diffusion:
         noise: Tensor | None = None,
         clip: bool = True,
     ) -> StepOutput:
-        """One reverse step from t to s < t per sample (s = 0 returns the x_0 estimate).
+        """One reverse step from t to s < t per sample, given the model's eps_hat at (x_t, t).
 
+        The caller runs the network (batched however it likes); s = 0 returns the x_0 estimate.
         ddpm: ancestral, x_s ~ q(x_s | x_t, x0_hat) (the DDPM posterior for any stride).
         ddim: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
         sigma = eta * sqrt(var) (Song et al. 2021).
         """
-        br = self.bridge(s, t, x_t)  # validates t and s before the model runs
-        eps_hat = model(x_t, t)
+        if kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
+        br = self.bridge(s, t, x_t)
         x0_hat = self.x0_from_eps(x_t, t, eps_hat)
         if clip:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
@@ -284,7 +284,8 @@ class Diffusion:
             t = torch.full((B,), t_now, dtype=torch.long, device=x.device)
             s = torch.full((B,), t_next, dtype=torch.long, device=x.device)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = self.step(model, x, t, s, kind=kind, eta=eta, noise=z, clip=clip).prev_sample
+            eps_hat = model(x, t)
+            x = self.step(eps_hat, x, t, s, kind=kind, eta=eta, noise=z, clip=clip).prev_sample
             if progress is not None:
                 progress(i + 1, total)
         return x

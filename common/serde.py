@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from collafuse.common.config import ScheduleConfig
+from collafuse.common.config import SAMPLERS, ScheduleConfig
 from collafuse.common.domain import (
     ClientPool,
     CutBatch,
@@ -32,7 +33,8 @@ from collafuse.v1 import collafuse_pb2 as pb
 
 WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SAMPLERS = {"ddpm": pb.SAMPLER_DDPM, "ddim": pb.SAMPLER_DDIM}
+# Wire values follow the sampler registry: SAMPLER_<NAME> for each registered sampler.
+_SAMPLERS: dict[str, Any] = {name: pb.Sampler.Value(f"SAMPLER_{name.upper()}") for name in SAMPLERS}
 
 
 class WireError(ValueError):

@@ -397,7 +397,7 @@ def test_ddpm_step_matches_diffusers(
     batch = Pairs(d, t, dtype, seed=10)
     seeds = [1000 + i for i in range(len(ks))]
     out = d.step(
-        batch.model,
+        batch.eps_hat,
         batch.x_t,
         t,
         s,
@@ -446,7 +446,7 @@ def test_ddim_step_matches_diffusers(
     s = torch.tensor([max(k - T_DIFFUSERS // steps + 1, 0) for k in ks])
     batch = Pairs(d, t, dtype, seed=11)
     noise = torch.randn(batch.x_t.shape, generator=torch.Generator().manual_seed(12), dtype=dtype)
-    out = d.step(batch.model, batch.x_t, t, s, "ddim", eta=eta, noise=noise, clip=False)
+    out = d.step(batch.eps_hat, batch.x_t, t, s, "ddim", eta=eta, noise=noise, clip=False)
     for i, k in enumerate(ks):
         ref = sched.step(
             batch.eps_hat[i : i + 1],
@@ -476,11 +476,11 @@ def test_clipped_step_matches_diffusers(kind: str, eta: float) -> None:
     batch.eps_hat = batch.eps_hat + torch.randn(
         batch.eps_hat.shape, generator=g, dtype=torch.float64
     )
-    raw = d.step(batch.model, batch.x_t, t, s, kind, eta=eta, clip=False).x0_hat
+    raw = d.step(batch.eps_hat, batch.x_t, t, s, kind, eta=eta, clip=False).x0_hat
     assert float(raw.abs().max()) > 1.5  # the clamp has work to do
     seeds = [2000 + i for i in range(len(t))]
     noise = noise_like_diffusers(batch.x_t, seeds)
-    out = d.step(batch.model, batch.x_t, t, s, kind, eta=eta, noise=noise, clip=True)
+    out = d.step(batch.eps_hat, batch.x_t, t, s, kind, eta=eta, noise=noise, clip=True)
     assert float(out.x0_hat.abs().max()) <= 1.0
     for i, (k, prev) in enumerate(zip((t - 1).tolist(), (s - 1).tolist(), strict=True)):
         x_t, eps_hat = batch.x_t[i : i + 1], batch.eps_hat[i : i + 1]

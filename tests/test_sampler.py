@@ -54,6 +54,6 @@ def test_batched_result_equals_the_plain_loop() -> None:
             z = torch.randn((1, 1, 8, 8), generator=g)
             t, s = torch.tensor([t_now]), torch.tensor([t_next])
             with torch.inference_mode():
-                x = d.step(model, x, t, s, kind="ddpm", noise=z).prev_sample
+                x = d.step(model(x, t), x, t, s, kind="ddpm", noise=z).prev_sample
         expected.append(x)
     assert torch.allclose(got, torch.cat(expected), atol=1e-5)

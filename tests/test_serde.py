@@ -129,3 +129,13 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         fresh = (tmp_path / "collafuse" / "v1" / name).read_text()
         committed = (proto / "collafuse" / "v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make protos` and commit the result"
+
+
+def test_wire_sampler_enum_follows_the_registry() -> None:
+    from collafuse.common.config import SAMPLERS
+
+    wire = [n for n, _ in pb.Sampler.items() if n != "SAMPLER_UNSPECIFIED"]
+    assert sorted(wire) == sorted(f"SAMPLER_{name.upper()}" for name in SAMPLERS)
+    for name in SAMPLERS:
+        req = SynthesisRequest("c", 1, 0, sampler=name)  # type: ignore[arg-type]
+        assert serde.synthesis_request_from_proto(serde.synthesis_request_to_proto(req)) == req
