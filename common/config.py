@@ -166,6 +166,14 @@ class SamplerConfig(_Frozen):
 
     max_batch: int = Field(default=256, ge=1)
     """Largest number of samples in one network call, across all requests."""
+    slice_size: int = Field(default=32, ge=1)
+    """Requests are cut into slices of this many samples, so others can join at any step."""
+    interactive_n: int = Field(default=16, ge=0)
+    """Requests of at most this many samples are interactive: they go first, and while one
+    waits a step is kept small (interactive_batch) so that it is not slowed by large ones."""
+    interactive_batch: int = Field(default=0, ge=0)
+    """Samples per step while an interactive request waits (more if the interactive requests
+    alone need more); 0 picks by device: 16 on a CPU, 128 on a GPU."""
 
 
 class ServerConfig(_Frozen):

@@ -204,7 +204,15 @@ def start_server(
     except ValueError as exc:
         pool.close()
         raise StartupError(str(exc)) from None
-    sampler = BatchingSampler(diffusion, trainer.hub, config.sampler.max_batch, device)
+    sampler = BatchingSampler(
+        diffusion,
+        trainer.hub,
+        config.sampler.max_batch,
+        device,
+        slice_size=config.sampler.slice_size,
+        interactive_n=config.sampler.interactive_n,
+        interactive_batch=config.sampler.interactive_batch,
+    )
     audit = AuditLog(data_dir / "audit.log")
     receipts = ReceiptSigner(data_dir / "receipt.key")
     service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, receipts)

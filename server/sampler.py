@@ -7,9 +7,11 @@ result does not depend on what else was in the batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ class Job:
     eta: float
     labels: Tensor  # (n,) int64
     generators: list[torch.Generator]
+    request: int = 0  # the jobs of one request share this number
     pos: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -68,18 +71,40 @@ class Job:
 
 
 class BatchingSampler:
-    """A worker thread that steps every active job together, up to max_batch samples a call."""
+    """A worker thread that steps active jobs together, up to max_batch samples a call.
+
+    Iteration-level batching with a fair share: requests are cut into jobs of at most
+    `slice_size` samples, and each step serves the requests with the least work left first.
+    While an interactive request (at most `interactive_n` samples) waits, a step carries at most
+    `interactive_batch` samples (or all the interactive ones, if more), so a large request
+    cannot make a small one wait for its long steps; it takes the rest of the room.
+    """
 
     def __init__(
-        self, diffusion: Diffusion, hub: ModelHub, max_batch: int, device: torch.device
+        self,
+        diffusion: Diffusion,
+        hub: ModelHub,
+        max_batch: int,
+        device: torch.device,
+        *,
+        slice_size: int = 32,
+        interactive_n: int = 16,
+        interactive_batch: int = 0,
     ) -> None:
         self.diffusion = diffusion
         self.hub = hub
         self.max_batch = max_batch
         self.device = device
+        self.slice_size = max(1, min(slice_size, max_batch))
+        self.interactive_n = interactive_n
+        # A step's cost grows with its batch on a CPU from a few samples on; a GPU runs a few
+        # hundred for about the price of one.
+        auto = 128 if device.type == "cuda" else 16
+        self.interactive_batch = min(max_batch, interactive_batch or auto)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._requests = itertools.count(1)
         self.forward_calls = 0
         self.samples_stepped = 0
 
@@ -105,12 +130,13 @@ class BatchingSampler:
     ) -> list[Job]:
         """Queue samples first_index .. first_index + n - 1 of a request, from x_T ~ N(0, I).
 
-        Returns the jobs (slices of at most max_batch).
+        Returns the jobs (slices of at most slice_size samples, in order).
         """
         gens = sample_generators(seed, n, first_index)
+        request = next(self._requests)
         jobs = []
-        for lo in range(0, n, self.max_batch):
-            g = gens[lo : lo + self.max_batch]
+        for lo in range(0, n, self.slice_size):
+            g = gens[lo : lo + self.slice_size]
             x = torch.stack([torch.randn(shape, generator=gi) for gi in g])
             job = Job(
                 x=x,
@@ -119,6 +145,7 @@ class BatchingSampler:
                 eta=eta,
                 labels=torch.full((len(g),), label, dtype=torch.long),
                 generators=g,
+                request=request,
             )
             jobs.append(job)
             self._queue.put(job)
@@ -136,12 +163,7 @@ class BatchingSampler:
             active = [j for j in active if not j.cancelled]
             if not active:
                 continue
-            batch: list[Job] = []
-            room = self.max_batch
-            for job in active:
-                if job.n <= room:
-                    batch.append(job)
-                    room -= job.n
+            batch = self.pick(active)
             try:
                 self._step(batch)
             except Exception as exc:  # fail these requests, keep serving others
@@ -152,6 +174,26 @@ class BatchingSampler:
             active = [j for j in active if j not in finished]
         for job in active:
             job.finish(RuntimeError("server is shutting down"))
+
+    def pick(self, active: list[Job]) -> list[Job]:
+        """The jobs of the next step: least work left first, within the step's budget."""
+        left: dict[int, int] = defaultdict(int)
+        size: dict[int, int] = defaultdict(int)
+        for job in active:
+            left[job.request] += job.n * (len(job.timesteps) - 1 - job.pos)
+            size[job.request] += job.n
+        interactive = sum(j.n for j in active if size[j.request] <= self.interactive_n)
+        budget = self.max_batch
+        if interactive:
+            budget = min(self.max_batch, max(interactive, self.interactive_batch))
+        batch: list[Job] = []
+        room = budget
+        # sorted() is stable: a request's slices keep their order, so they finish in order.
+        for job in sorted(active, key=lambda j: (left[j.request], j.request)):
+            if job.n <= room:
+                batch.append(job)
+                room -= job.n
+        return batch
 
     def _step(self, batch: list[Job]) -> None:
         """One network call for every job in the batch, then each job's own update."""

@@ -57,3 +57,40 @@ def test_batched_result_equals_the_plain_loop() -> None:
                 x = d.step(model(x, t), x, t, s, kind="ddpm", noise=z).prev_sample
         expected.append(x)
     assert torch.allclose(got, torch.cat(expected), atol=1e-5)
+
+
+def test_a_small_request_is_not_held_up_by_a_large_one() -> None:
+    d = Diffusion.from_config(ScheduleConfig(num_timesteps=40))
+    sampler = BatchingSampler(
+        d, _hub(), max_batch=64, device=torch.device("cpu"), slice_size=8, interactive_batch=4
+    )
+    steps = d.timesteps(40, 12, 10)
+    big = sampler.submit(64, 1, steps, "ddpm", 0.0, 0, (1, 8, 8))
+    small = sampler.submit(1, 2, steps, "ddpm", 0.0, 1, (1, 8, 8))
+    assert [j.n for j in big] == [8] * 8  # sliced, so others can join at any step
+    # The next steps: the small request goes first and the step stays small while it waits.
+    picked = sampler.pick(big + small)
+    assert picked[0] is small[0] and sum(j.n for j in picked) <= 4 + 1
+    sampler.start()
+    assert small[0].done.wait(60)
+    finished_big = sum(j.done.is_set() for j in big)
+    for job in big:
+        assert job.done.wait(60)
+    sampler.stop()
+    # The small request finished after its 10 steps, before any slice of the large one.
+    assert finished_big == 0
+    # Alone (no interactive request), the large one fills whole batches.
+    assert sum(j.n for j in sampler.pick(big)) == 64
+
+
+def test_many_small_requests_are_batched_together() -> None:
+    d = Diffusion.from_config(ScheduleConfig(num_timesteps=40))
+    sampler = BatchingSampler(d, _hub(), max_batch=64, device=torch.device("cpu"))
+    steps = d.timesteps(40, 12, 4)
+    jobs = [j for k in range(32) for j in sampler.submit(2, k, steps, "ddim", 0.0, 0, (1, 8, 8))]
+    assert sum(j.n for j in sampler.pick(jobs)) == 64  # all interactive: one full batch
+    sampler.start()
+    for job in jobs:
+        assert job.done.wait(60)
+    sampler.stop()
+    assert sampler.forward_calls == 4
