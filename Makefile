@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-all soak lint typecheck protos check-protos clean
+.PHONY: setup demo test test-all soak bench lint typecheck protos check-protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-all: setup
 # invariant holds. `make test` runs a short version of each scenario.
 soak: setup
 	$(PY) tests/soak.py
+
+# The server's hot paths (P1-P6), side by side with bare baselines, on whatever device is here.
+bench: setup
+	$(VENV)/bin/collafuse bench --out bench-results.json
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

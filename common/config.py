@@ -164,8 +164,10 @@ class LimitsConfig(_Frozen):
 class SamplerConfig(_Frozen):
     """How the server batches synthesis requests."""
 
-    max_batch: int = Field(default=256, ge=1)
-    """Largest number of samples in one network call, across all requests."""
+    max_batch: int = Field(default=0, ge=0)
+    """Largest number of samples in one network call, across all requests; 0 picks by device:
+    16 on a CPU (where a bigger batch buys little and makes every waiting request wait for a
+    long step), 512 on a GPU."""
     slice_size: int = Field(default=32, ge=1)
     """Requests are cut into slices of this many samples, so others can join at any step."""
     interactive_n: int = Field(default=16, ge=0)

@@ -57,10 +57,16 @@ class UNetDenoiser:
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    """ema <- decay * ema + (1 - decay) * model, as one fused foreach op over all parameters.
+
+    One kernel launch per step instead of one per tensor, which matters on a GPU.
+    """
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-            pe.lerp_(pm.detach(), 1.0 - decay)
+        ema_params = list(ema.parameters())
+        model_params = [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(model_params):
+            raise ValueError("the EMA copy and the model have different parameters")
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
         for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
             be.copy_(bm)
 

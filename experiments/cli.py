@@ -1,4 +1,4 @@
-"""`collafuse experiment --config experiments/NAME.toml --out DIR`."""
+"""`collafuse experiment --config experiments/NAME.toml --out DIR` and `collafuse bench`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from collafuse.common.config import load_config
+from collafuse.common.config import ConfigError, load_config
 from collafuse.experiments.config import ExperimentConfig
 
 log = logging.getLogger("collafuse.experiments")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `collafuse experiment`."""
+    """Register `collafuse experiment` and `collafuse bench`."""
     p = sub.add_parser(
         "experiment",
         help="run a study of cut ratios against baselines in one process and write a report",
@@ -35,6 +35,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(torch-fidelity's FID Inception; needs the torch-fidelity package)",
     )
     p.set_defaults(func=run_experiment)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure the server's hot paths against bare baselines, side by side in one run",
+        description="Starts a server on loopback and measures P1..P6 (docs/benchmarks.md); "
+        "prints a table and JSON. About 3 minutes on 2 CPU cores, 8 on a GPU.",
+    )
+    b.add_argument(
+        "--out", type=Path, default=Path("bench-results.json"), help="where to write the JSON"
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="a tiny model, K up to 4, a few steps (a smoke run)"
+    )
+    b.add_argument(
+        "--model",
+        choices=["auto", "tiny", "server", "large"],
+        default="auto",
+        help="server UNet and image: tiny 16x16x1, server (the default UNet) 28x28x1, large "
+        "(128,256,256,256) 32x32x3; auto: server on CPU, large on CUDA, tiny with --quick",
+    )
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    b.add_argument("--reps", type=int, help="alternated repetitions per figure (default 3)")
+    b.set_defaults(func=run_bench_command)
 
 
 def describe_machine() -> str:
@@ -63,4 +87,27 @@ def run_experiment(args: argparse.Namespace) -> int:
     results = study.run()
     report = write_report(config, results, args.out, args.machine or describe_machine())
     print(f"report: {report} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Run `collafuse bench`."""
+    from dataclasses import replace
+
+    from collafuse.common.nets import pick_device
+    from collafuse.experiments.bench import default_settings, run_bench
+
+    settings = default_settings(pick_device(args.device), args.quick, args.model)
+    if args.reps is not None:
+        if args.reps < 1:
+            raise ConfigError("--reps must be at least 1")
+        settings = replace(settings, reps=args.reps)
+    run_bench(
+        settings,
+        args.out,
+        device=args.device,
+        threads=args.threads,
+        say=lambda s: print(s, flush=True),
+        verbose=args.verbose,
+    )
     return 0

@@ -70,6 +70,11 @@ class Job:
         return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
 
 
+def default_max_batch(device: torch.device) -> int:
+    """Samples per step when the config leaves it to the device (sampler.max_batch = 0)."""
+    return 512 if device.type == "cuda" else 16
+
+
 class BatchingSampler:
     """A worker thread that steps active jobs together, up to max_batch samples a call.
 
@@ -93,14 +98,14 @@ class BatchingSampler:
     ) -> None:
         self.diffusion = diffusion
         self.hub = hub
-        self.max_batch = max_batch
+        self.max_batch = max_batch or default_max_batch(device)
         self.device = device
-        self.slice_size = max(1, min(slice_size, max_batch))
+        self.slice_size = max(1, min(slice_size, self.max_batch))
         self.interactive_n = interactive_n
         # A step's cost grows with its batch on a CPU from a few samples on; a GPU runs a few
         # hundred for about the price of one.
         auto = 128 if device.type == "cuda" else 16
-        self.interactive_batch = min(max_batch, interactive_batch or auto)
+        self.interactive_batch = min(self.max_batch, interactive_batch or auto)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from collafuse import __version__
 from collafuse.common.config import (
@@ -76,3 +77,19 @@ def test_example_configs_load() -> None:
     client = load_config(ClientConfig, root / "client.example.toml")
     assert server.image == client.image
     assert client.cut_ratio == 0.3 and server.policy.max_release_snr == 1.0
+
+
+def test_ema_update_moves_every_parameter_toward_the_model() -> None:
+    import copy
+
+    from collafuse.common.nets import ema_update
+
+    model = build_unet(CLIENT_UNET, ImageConfig(size=8))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    pairs = zip(ema.parameters(), model.parameters(), strict=True)
+    expected = [pe + 0.25 * (pm - pe) for pe, pm in pairs]
+    ema_update(ema, model, 0.75)
+    assert all(torch.allclose(a, b) for a, b in zip(ema.parameters(), expected, strict=True))
