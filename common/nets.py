@@ -62,7 +62,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     One kernel launch per step instead of one per tensor, which matters on a GPU.
     """
     with torch.no_grad():
-        ema_params = list(ema.parameters())
+        ema_params: list[torch.Tensor] = list(ema.parameters())
         model_params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(model_params):
             raise ValueError("the EMA copy and the model have different parameters")
