@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,7 +55,7 @@ def open_channel(
         channel = grpc.insecure_channel(address, options=channel_options())
         if token is None:
             return channel
-        return grpc.intercept_channel(channel, _LoopbackToken(token))
+        return grpc.intercept_channel(channel, _with_token(token))
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("mutual TLS needs both tls_cert and tls_key")
     try:
@@ -74,9 +74,9 @@ def open_channel(
     return grpc.secure_channel(address, credentials, options=channel_options())
 
 
-class _CallDetails(
+class CallDetails(
     NamedTuple(
-        "_CallDetails",
+        "CallDetails",
         [
             ("method", str),
             ("timeout", float | None),
@@ -88,29 +88,34 @@ class _CallDetails(
     ),
     grpc.ClientCallDetails,
 ):
-    """Call details with the token added to the metadata."""
+    """Call details a client interceptor can rebuild with changes (`_replace`)."""
+
+    @classmethod
+    def of(cls, details: grpc.ClientCallDetails) -> CallDetails:
+        """A copy of gRPC's call details."""
+        return cls(
+            details.method,
+            details.timeout,
+            details.metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
 
-class _LoopbackToken(
+class RewriteCalls(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds the bearer token to calls on a plaintext loopback channel (tests, development)."""
+    """A client interceptor that passes every call's details through `rewrite`."""
 
-    def __init__(self, token: str) -> None:
-        self.header = ("authorization", f"Bearer {token}")
+    def __init__(self, rewrite: Callable[[CallDetails], CallDetails]) -> None:
+        self.rewrite = rewrite
 
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _CallDetails(
-            details.method,
-            details.timeout,
-            [*(details.metadata or []), self.header],
-            details.credentials,
-            getattr(details, "wait_for_ready", None),
-            getattr(details, "compression", None),
-        )
+    def _details(self, details: grpc.ClientCallDetails) -> CallDetails:
+        return self.rewrite(CallDetails.of(details))
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
@@ -123,6 +128,12 @@ class _LoopbackToken(
 
     def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)
+
+
+def _with_token(token: str) -> RewriteCalls:
+    """Adds the bearer token to calls on a plaintext loopback channel (tests, development)."""
+    header = ("authorization", f"Bearer {token}")
+    return RewriteCalls(lambda d: d._replace(metadata=[*(d.metadata or []), header]))
 
 
 def read_token(path: Path | None) -> str | None:

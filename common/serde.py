@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -207,13 +208,22 @@ def cut_batch_from_proto(msg: pb.UploadCutsRequest) -> CutBatch:
     return CutBatch(client_id=msg.client_id, t_cut=int(msg.t_cut), image_ids=ids, cuts=cuts)
 
 
+def _rejections_to_proto(rejections: list[tuple[str, str]]) -> list[pb.Rejection]:
+    """At most 100 (image id, reason) pairs: enough to act on, bounded in size."""
+    return [pb.Rejection(image_id=i, reason=why) for i, why in rejections[:100]]
+
+
+def _rejections_from_proto(msgs: Iterable[pb.Rejection]) -> list[tuple[str, str]]:
+    return [(r.image_id, r.reason) for r in msgs]
+
+
 def upload_result_to_proto(r: UploadResult) -> pb.UploadCutsResponse:
     """Encode an upload answer (at most 100 rejection reasons)."""
     return pb.UploadCutsResponse(
         accepted=r.accepted,
         duplicate=r.duplicate,
         rejected=r.rejected,
-        rejections=[pb.Rejection(image_id=i, reason=why) for i, why in r.rejections[:100]],
+        rejections=_rejections_to_proto(r.rejections),
         pool_size=r.pool_size,
         receipt=r.receipt,
     )
@@ -225,7 +235,7 @@ def upload_result_from_proto(msg: pb.UploadCutsResponse) -> UploadResult:
         accepted=int(msg.accepted),
         duplicate=int(msg.duplicate),
         rejected=int(msg.rejected),
-        rejections=[(r.image_id, r.reason) for r in msg.rejections],
+        rejections=_rejections_from_proto(msg.rejections),
         pool_size=int(msg.pool_size),
         receipt=msg.receipt,
     )
@@ -238,7 +248,7 @@ def upload_ack_to_proto(a: UploadAck) -> pb.UploadAck:
         accepted=a.accepted,
         duplicate=a.duplicate,
         rejected=a.rejected,
-        rejections=[pb.Rejection(image_id=i, reason=why) for i, why in a.rejections[:100]],
+        rejections=_rejections_to_proto(a.rejections),
         pool_size=a.pool_size,
         receipt=a.receipt,
     )
@@ -251,7 +261,7 @@ def upload_ack_from_proto(msg: pb.UploadAck) -> UploadAck:
         accepted=int(msg.accepted),
         duplicate=int(msg.duplicate),
         rejected=int(msg.rejected),
-        rejections=[(r.image_id, r.reason) for r in msg.rejections],
+        rejections=_rejections_from_proto(msg.rejections),
         pool_size=int(msg.pool_size),
         receipt=msg.receipt,
     )

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -48,7 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_integration import tiny_client_config, tiny_server_config
 
 from collafuse.client.daemon import ClientDaemon
-from collafuse.client.remote import Remote
+from collafuse.client.remote import CallDetails, Remote, RewriteCalls
 from collafuse.client.synth import SynthesisResult, synthesize
 from collafuse.common import serde
 from collafuse.common.config import ClientConfig, ServerConfig
@@ -143,56 +143,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.1)
 # ----- client side helpers --------------------------------------------------------------------
 
 
-class _Details(
-    NamedTuple(
-        "_Details",
-        [
-            ("method", str),
-            ("timeout", float | None),
-            ("metadata", Any),
-            ("credentials", Any),
-            ("wait_for_ready", bool | None),
-            ("compression", Any),
-        ],
-    ),
-    grpc.ClientCallDetails,
-):
-    """Call details with a capped deadline."""
-
-
-class _CapDeadline(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+def _cap_deadline(seconds: float) -> RewriteCalls:
     """Caps every call's deadline, so the client's hour-long stream deadlines cannot hang a test."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def cap(d: CallDetails) -> CallDetails:
+        return d._replace(timeout=seconds if d.timeout is None else min(d.timeout, seconds))
 
-    def _details(self, d: Any) -> _Details:
-        timeout = self.seconds if d.timeout is None else min(d.timeout, self.seconds)
-        return _Details(
-            d.method,
-            timeout,
-            d.metadata,
-            d.credentials,
-            getattr(d, "wait_for_ready", None),
-            getattr(d, "compression", None),
-        )
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
+    return RewriteCalls(cap)
 
 
 def raw_channel(address: str) -> grpc.Channel:
@@ -204,7 +161,7 @@ def raw_channel(address: str) -> grpc.Channel:
 
 def remote(address: str, deadline_s: float = CALL_DEADLINE_S) -> Remote:
     """The client's typed Remote on its own connection, every deadline capped."""
-    return Remote(grpc.intercept_channel(raw_channel(address), _CapDeadline(deadline_s)))
+    return Remote(grpc.intercept_channel(raw_channel(address), _cap_deadline(deadline_s)))
 
 
 def honest_cuts(diffusion: Diffusion, t_cut: int, n: int, gen: torch.Generator) -> torch.Tensor:
