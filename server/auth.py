@@ -125,7 +125,15 @@ class _Denylist:
         stamp = (st.st_mtime_ns, st.st_size)
         with self._lock:
             if stamp != self._stamp:
-                self._fingerprints = read_denylist(self.path)
+                try:
+                    self._fingerprints = read_denylist(self.path)
+                except ValueError as exc:
+                    # Fail closed on a list that does not parse; the operator sees why.
+                    log.error("revocation list %s: %s", self.path, exc)
+                    raise PolicyError(
+                        Refusal.UNAVAILABLE,
+                        "the server cannot read its revocation list; try again later",
+                    ) from None
                 self._stamp = stamp
                 log.info("revocation list %s: %d entries", self.path, len(self._fingerprints))
             return self._fingerprints

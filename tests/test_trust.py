@@ -144,6 +144,13 @@ def test_mutual_tls_identities(
     err = _refused(lambda: bob.status())
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.details()
     assert alice.status().pools  # others are unaffected
+    # A list that does not parse fails closed (UNAVAILABLE), and serving resumes once fixed.
+    good = federation.ca.revoked.read_text()
+    federation.ca.revoked.write_text(good + "not-a-fingerprint\n")
+    err = _refused(lambda: alice.status())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "revocation list" in err.details()
+    federation.ca.revoked.write_text(good)
+    assert alice.status().pools
 
     # No certificate, an expired one, or one from another CA: the handshake fails.
     expired = federation.kit("carol", days=1, not_before=datetime.now(UTC) - timedelta(days=10))
