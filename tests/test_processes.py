@@ -201,3 +201,56 @@ def test_demo_tiny(tmp_path: Path) -> None:
         assert grid.size[0] > 28 and grid.mode == "L"
         assert len(list(Path(c["grid"]).parent.glob("sample-*.png"))) == 4
     assert (out / "summary.md").read_text().startswith("# CollaFuse demo summary")
+
+
+def test_sighup_reloads_tokens_and_sigterm_exits_cleanly(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    from collafuse.server.auth import hash_token
+
+    data_dir = tmp_path / "server"
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'alice = "{hash_token("alice-secret")}"\n')
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text(
+        _toml(
+            {
+                "data_dir": str(data_dir),
+                "insecure": True,
+                "threads": 1,
+                "auth_tokens": str(tokens),
+                "schedule": {"num_timesteps": 50},
+                "image": {"channels": 1, "size": 8},
+                "model": {
+                    "block_out_channels": [8, 16],
+                    "attention_levels": [],
+                    "norm_num_groups": 4,
+                },
+            }
+        )
+    )
+    log = tmp_path / "server.log"
+    server = _spawn(["server", "--config", str(server_toml), "--listen", "127.0.0.1:0"], log)
+    procs.append(server)
+    info = data_dir / "server.json"
+    _wait(info.exists, 60, "the server to start")
+    address = json.loads(info.read_text())["address"]
+
+    def status_as(token: str) -> ServerStatus | None:
+        remote = Remote(open_channel(address, insecure=True, token=token))
+        try:
+            return remote.status(timeout=5)
+        except Exception:
+            return None
+        finally:
+            remote.close()
+
+    _wait(lambda: status_as("alice-secret") is not None, 30, "alice to be served")
+    assert status_as("bob-secret") is None  # not known yet
+    tokens.write_text(tokens.read_text() + f'bob = "{hash_token("bob-secret")}"\n')
+    server.send_signal(signal.SIGHUP)
+    _wait(lambda: status_as("bob-secret") is not None, 30, "bob's token after SIGHUP")
+    assert status_as("alice-secret") is not None
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0
+    assert "reloaded 2 tokens" in log.read_text()
