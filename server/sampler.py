@@ -44,6 +44,7 @@ class Job:
     generators: list[torch.Generator]
     request: int = 0  # the jobs of one request share this number
     pos: int = 0
+    waited: int = 0  # steps in a row this job was left out
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False
@@ -82,7 +83,8 @@ class BatchingSampler:
     `slice_size` samples, and each step serves the requests with the least work left first.
     While an interactive request (at most `interactive_n` samples) waits, a step carries at most
     `interactive_batch` samples (or all the interactive ones, if more), so a large request
-    cannot make a small one wait for its long steps; it takes the rest of the room.
+    cannot make a small one wait for its long steps; it takes the rest of the room, and a job
+    left out for `max_wait` steps in a row goes first.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class BatchingSampler:
         slice_size: int = 32,
         interactive_n: int = 16,
         interactive_batch: int = 0,
+        max_wait: int = 8,
     ) -> None:
         self.diffusion = diffusion
         self.hub = hub
@@ -106,6 +109,7 @@ class BatchingSampler:
         # hundred for about the price of one.
         auto = 128 if device.type == "cuda" else 16
         self.interactive_batch = min(self.max_batch, interactive_batch or auto)
+        self.max_wait = max_wait
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -169,6 +173,9 @@ class BatchingSampler:
             if not active:
                 continue
             batch = self.pick(active)
+            chosen = set(map(id, batch))
+            for job in active:
+                job.waited = 0 if id(job) in chosen else job.waited + 1
             try:
                 self._step(batch)
             except Exception as exc:  # fail these requests, keep serving others
@@ -188,13 +195,18 @@ class BatchingSampler:
             left[job.request] += job.n * (len(job.timesteps) - 1 - job.pos)
             size[job.request] += job.n
         interactive = sum(j.n for j in active if size[j.request] <= self.interactive_n)
+        # Aging: a job left out for max_wait steps goes first, so a steady stream of small
+        # requests cannot starve a large one.
+        starving = [j for j in active if j.waited >= self.max_wait]
         budget = self.max_batch
         if interactive:
-            budget = min(self.max_batch, max(interactive, self.interactive_batch))
+            need = interactive + sum(j.n for j in starving)
+            budget = min(self.max_batch, max(need, self.interactive_batch))
         batch: list[Job] = []
         room = budget
         # sorted() is stable: a request's slices keep their order, so they finish in order.
-        for job in sorted(active, key=lambda j: (left[j.request], j.request)):
+        order = sorted(active, key=lambda j: (j.waited < self.max_wait, left[j.request], j.request))
+        for job in order:
             if job.n <= room:
                 batch.append(job)
                 room -= job.n
@@ -212,20 +224,30 @@ class BatchingSampler:
             version = self.hub.version
         self.forward_calls += 1
         self.samples_stepped += x.shape[0]
+        # One update per sampler kind and eta over all their rows, not one per job: per-call
+        # overhead would otherwise grow with the number of requests in the step.
+        spans: list[tuple[int, int]] = []
+        groups: dict[tuple[SamplerKind, float], list[int]] = defaultdict(list)
         offset = 0
         for job in batch:
-            sl = slice(offset, offset + job.n)
+            spans.append((offset, offset + job.n))
+            groups[(job.kind, job.eta)].extend(range(offset, offset + job.n))
             offset += job.n
-            out = self.diffusion.step(
-                eps[sl],
-                x[sl],
-                t[sl],
-                s[sl],
-                kind=job.kind,
-                eta=job.eta,
-                noise=noise[sl],
-            )
-            job.x = out.prev_sample.cpu()
+        if len(groups) == 1:
+            (kind, eta), _ = next(iter(groups.items()))
+            prev = self.diffusion.step(eps, x, t, s, kind=kind, eta=eta, noise=noise).prev_sample
+        else:
+            prev = torch.empty_like(x)
+            for (kind, eta), rows in groups.items():
+                idx = torch.tensor(rows)
+                dev = idx.to(x.device)
+                out = self.diffusion.step(
+                    eps[dev], x[dev], t[idx], s[idx], kind=kind, eta=eta, noise=noise[dev]
+                )
+                prev[dev] = out.prev_sample
+        prev = prev.cpu()
+        for job, (lo, hi) in zip(batch, spans, strict=True):
+            job.x = prev[lo:hi]
             job.pos += 1
             job.model_version = version
             if job.pos == len(job.timesteps) - 1:

@@ -94,3 +94,23 @@ def test_many_small_requests_are_batched_together() -> None:
         assert job.done.wait(60)
     sampler.stop()
     assert sampler.forward_calls == 4
+
+
+def test_a_large_request_is_not_starved_by_a_stream_of_small_ones() -> None:
+    d = Diffusion.from_config(ScheduleConfig(num_timesteps=40))
+    sampler = BatchingSampler(
+        d,
+        _hub(),
+        max_batch=64,
+        device=torch.device("cpu"),
+        slice_size=8,
+        interactive_batch=4,
+        max_wait=3,
+    )
+    steps = d.timesteps(40, 12, 10)
+    big = sampler.submit(32, 1, steps, "ddpm", 0.0, 0, (1, 8, 8))
+    small = sampler.submit(1, 2, steps, "ddpm", 0.0, 1, (1, 8, 8))
+    assert big[0] not in sampler.pick(big + small)  # the small one goes first...
+    big[0].waited = 3  # ...until the large one has waited max_wait steps
+    picked = sampler.pick(big + small)
+    assert picked[0] is big[0] and small[0] in picked
