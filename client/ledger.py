@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from collafuse.common.store import open_database
+from collafuse.common.store import immediate_transaction, open_database
 
 log = logging.getLogger("collafuse.client.ledger")
 
@@ -119,8 +119,7 @@ class Ledger:
         if self._has_unique_index():
             return
         # IMMEDIATE: another process opening the same ledger waits instead of interleaving.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(self._db):
             self._db.execute(
                 "UPDATE releases SET acked_at = (SELECT MIN(o.acked_at) FROM releases o "
                 "WHERE o.local_id = releases.local_id AND o.wire_id = releases.wire_id "
@@ -136,10 +135,6 @@ class Ledger:
             ]
             if not frozen:
                 self._db.execute(_UNIQUE_INDEX)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         if frozen:
             log.warning(
                 "the ledger shows %d images released at more than one noise level (e.g. %s) by "
@@ -199,47 +194,39 @@ class Ledger:
         """
         now = time.time()
         seqs: list[int] = []
-        with self._lock:
-            # IMMEDIATE takes the write lock before the check, so no other process can record
-            # a conflicting release of the same image between the check and the insert.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for release in releases:
-                    same, why = self._conflict(release)
-                    if why is not None:
-                        raise LedgerError(why)
-                    if same is not None:
-                        seqs.append(same)
-                        continue
-                    cur = self._db.execute(
-                        "INSERT INTO releases (local_id, wire_id, t_cut, bytes, sha256, "
-                        "released_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            release.local_id,
-                            release.wire_id,
-                            release.t_cut,
-                            release.bytes,
-                            release.sha256,
-                            now,
-                        ),
-                    )
-                    seqs.append(int(cur.lastrowid or 0))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        # IMMEDIATE takes the write lock before the check, so no other process can record a
+        # conflicting release of the same image between the check and the insert.
+        with self._lock, immediate_transaction(self._db):
+            for release in releases:
+                same, why = self._conflict(release)
+                if why is not None:
+                    raise LedgerError(why)
+                if same is not None:
+                    seqs.append(same)
+                    continue
+                cur = self._db.execute(
+                    "INSERT INTO releases (local_id, wire_id, t_cut, bytes, sha256, "
+                    "released_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        release.local_id,
+                        release.wire_id,
+                        release.t_cut,
+                        release.bytes,
+                        release.sha256,
+                        now,
+                    ),
+                )
+                seqs.append(int(cur.lastrowid or 0))
         return seqs
 
     def acknowledge(self, seqs: list[int], receipt: str = "") -> None:
         """Mark releases the server acknowledged, with its receipt (the first one is kept)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._lock, immediate_transaction(self._db):
             self._db.executemany(
                 "UPDATE releases SET acked_at=?, receipt=? WHERE seq=? AND acked_at IS NULL",
                 [(now, receipt or None, s) for s in seqs],
             )
-            self._db.execute("COMMIT")
 
     def receipts(self) -> dict[str, str]:
         """The server's receipt for each acknowledged local image."""
@@ -251,14 +238,12 @@ class Ledger:
 
     def record_forget(self, deleted: int, trained_from: int, trained_to: int, receipt: str) -> None:
         """Record that the server deleted this client's cut images (and what saw them)."""
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._lock, immediate_transaction(self._db):
             self._db.execute(
                 "INSERT INTO forgets (requested_at, deleted, trained_from_version, "
                 "trained_to_version, receipt) VALUES (?, ?, ?, ?, ?)",
                 (time.time(), deleted, trained_from, trained_to, receipt),
             )
-            self._db.execute("COMMIT")
 
     def forgotten(self) -> bool:
         """Whether this client asked the server to forget its images: no re-upload after that."""

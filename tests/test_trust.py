@@ -200,6 +200,11 @@ def test_fail_closed_configuration(federation: Federation, tmp_path: Path) -> No
             start_server(
                 tiny_server_config(tmp_path / "s2").model_copy(update={"auth_tokens": tokens})
             )
+    # From the command line a server that cannot start as configured exits 2 (bad configuration).
+    from collafuse.cli import main
+
+    args = ["server", "--data-dir", str(tmp_path / "s3"), "--insecure", "--listen", "127.0.0.1:0"]
+    assert main([*args, "--set", f"auth_tokens='{empty}'"]) == 2
     # A private key that others may read is refused with the fix.
     federation.server.key.chmod(0o644)
     with pytest.raises(StartupError, match="chmod 600"):

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     from collafuse.common.config import ConfigError
+    from collafuse.server.app import StartupError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
+        # A server that cannot start as configured is a configuration error: the message says
+        # what to change.
         print(f"collafuse: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
