@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from collafuse import __version__
 
+# A client id: what the config, the wire and the certificates accept, in one place.
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
 # The samplers of the reverse chain, one registry: the diffusion math implements each, and the
 # wire enum (SAMPLER_<NAME>), the config fields and the CLI choices follow from this list.
 SamplerKind = Literal["ddpm", "ddim"]
@@ -335,7 +338,7 @@ class SynthConfig(_Frozen):
 class ClientConfig(_Frozen):
     """Everything `collafuse client` needs."""
 
-    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "client-0"
+    client_id: Annotated[str, Field(pattern=CLIENT_ID_PATTERN)] = "client-0"
     """Stable id of this client."""
     server: str = "127.0.0.1:50051"
     """HOST:PORT of the CollaFuse server."""

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# Same rule as serde.CLIENT_ID_RE and ClientConfig.client_id; repeated here so that the PKI does
-# not import torch and protobuf through serde.
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+from collafuse.common.config import CLIENT_ID_PATTERN
+
+# The config's rule (config imports neither torch nor protobuf, so the PKI stays light).
+CLIENT_ID_RE = re.compile(CLIENT_ID_PATTERN)
 CLIENT_URI_PREFIX = "collafuse:client:"
 """A client certificate names its client as the URI SAN `collafuse:client:<client_id>`."""
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")

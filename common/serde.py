@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from collafuse.common.config import SAMPLERS, ScheduleConfig
+from collafuse.common.config import CLIENT_ID_PATTERN, SAMPLERS, ScheduleConfig
 from collafuse.common.domain import (
     ClientPool,
     CutBatch,
@@ -33,7 +33,7 @@ from collafuse.common.limits import MAX_IMAGE_ID_LENGTH, MAX_IMAGE_PIXELS
 from collafuse.v1 import collafuse_pb2 as pb
 
 WIRE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CLIENT_ID_RE = re.compile(CLIENT_ID_PATTERN)
 # Wire values follow the sampler registry: SAMPLER_<NAME> for each registered sampler.
 _SAMPLERS: dict[str, Any] = {name: pb.Sampler.Value(f"SAMPLER_{name.upper()}") for name in SAMPLERS}
 
