@@ -237,6 +237,7 @@ class UploadStream:
     duplicate: int = 0
     acknowledged: list[str] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
+    pool_size: int | None = None  # the client's pool after the last message that stored images
 
     def add(self, batch: CutBatch) -> None:
         """Check and store one message's cut images."""
@@ -261,6 +262,7 @@ class UploadStream:
                 f"(limits.max_rejected_per_upload = {limit}); the first: "
                 f"{self.rejections[0][1]}",
             )
+        self.pool_size = None
         if not keep:
             return
         held = svc.pool.count(self.client_id)
@@ -280,6 +282,7 @@ class UploadStream:
         self.accepted += a
         self.duplicate += d
         self.acknowledged += ids
+        self.pool_size = held + a  # as of this commit: no second COUNT for the acknowledgement
 
     def acknowledge(self, index: int, batch: CutBatch) -> UploadAck:
         """Store one message (as `add`) and answer for it alone, with a receipt."""
@@ -288,13 +291,16 @@ class UploadStream:
         stored = self.acknowledged[before[3] :]
         rejections = self.rejections[before[2] :]
         svc = self.service
+        pool_size = self.pool_size
+        if pool_size is None:  # this message stored nothing: ask the pool
+            pool_size = svc.pool.count(self.client_id)
         return UploadAck(
             message=index,
             accepted=self.accepted - before[0],
             duplicate=self.duplicate - before[1],
             rejected=len(rejections),
             rejections=rejections,
-            pool_size=svc.pool.count(self.client_id) if self.client_id else 0,
+            pool_size=pool_size,
             receipt=svc.receipts.sign("upload", self.client_id, stored) if stored else "",
         )
 
