@@ -54,10 +54,15 @@ def _tensors(obj: object) -> Iterator[Tensor]:
 def all_finite(obj: object) -> bool:
     """True when every floating-point tensor inside `obj` holds only finite values.
 
-    One flag per tensor and a single device sync, so it is cheap enough to run every step.
+    One flag per tensor and one sync per device. An optimizer's state mixes devices (AdamW
+    keeps its step counters on the CPU beside moments on the GPU), so flags are stacked per
+    device.
     """
-    flags = [torch.isfinite(t).all() for t in _tensors(obj) if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    flags: dict[torch.device, list[Tensor]] = {}
+    for t in _tensors(obj):
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(group).all()) for group in flags.values())
 
 
 def _to_cpu(obj: Any) -> Any:
