@@ -84,6 +84,9 @@ class Diffusion:
         # abar[0] = 1 stands for clean data; abar[t] = prod_{s<=t} (1 - b_s) for t in 1..T.
         abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
         self._abar = torch.from_numpy(abar)  # float64, shape (T + 1,)
+        # The table on each accelerator it was asked for there, so a step on a GPU indexes a
+        # GPU table instead of copying coefficients from the host every time.
+        self._abar_on: dict[torch.device, Tensor] = {}
         self.hash = schedule_hash(betas)
 
     @classmethod
@@ -117,6 +120,11 @@ class Diffusion:
         return self.num_timesteps
 
     def _check_range(self, t: Tensor, low: int) -> None:
+        # Reading values back to the host would stall an accelerator at every step, so only
+        # CPU tensors are checked; the sampler and trainer draw device timesteps from lists
+        # and ranges already checked on the host.
+        if t.device.type != "cpu":
+            return
         if t.numel() and (int(t.min()) < low or int(t.max()) > self.num_timesteps):
             raise ValueError(f"timesteps must lie in {low}..{self.num_timesteps}")
 
@@ -125,7 +133,14 @@ class Diffusion:
         return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
 
     def _abar_at(self, t: Tensor) -> Tensor:
-        return self._abar[t.detach().cpu().long()]
+        """abar at each timestep, float64 on t's device (float32 where float64 is missing)."""
+        if t.device.type == "cpu":
+            return self._abar[t.detach().long()]
+        table = self._abar_on.get(t.device)
+        if table is None:
+            dtype = torch.float32 if t.device.type == "mps" else torch.float64
+            table = self._abar_on.setdefault(t.device, self._abar.to(t.device, dtype))
+        return table[t.detach().long()]
 
     # ----- forward process -----------------------------------------------------------------
 
@@ -142,7 +157,7 @@ class Diffusion:
         """
         self._check_range(c, 0)
         self._check_range(t, 1)
-        if bool((t <= c).any()):
+        if t.device.type == "cpu" and bool((t <= c).any()):
             raise ValueError("renoise needs t > c for every sample")
         r = self._abar_at(t) / self._abar_at(c)
         return self._coef(r.sqrt(), x_c) * x_c + self._coef((1 - r).sqrt(), x_c) * noise
@@ -156,7 +171,7 @@ class Diffusion:
         """
         self._check_range(s, 0)
         self._check_range(t, 1)
-        if bool((s >= t).any()):
+        if t.device.type == "cpu" and bool((s >= t).any()):
             raise ValueError("bridge needs s < t for every sample")
         ab_s, ab_t = self._abar_at(s), self._abar_at(t)
         r = ab_t / ab_s
@@ -206,7 +221,7 @@ class Diffusion:
         lam = (ab_c / (1 - ab_c)) / (ab_t / (1 - ab_t)) - 1
         var = (1 - ab_c) * (1 - ab_t / ab_c) / (1 - ab_t)
         w = torch.clamp(gamma / lam, max=1.0) / var
-        per = resid * w.to(resid.dtype).to(resid.device)
+        per = resid * w.to(resid.device, resid.dtype)
         return LossOutput(per.mean(), per)
 
     # ----- reverse process -------------------------------------------------------------------
@@ -236,15 +251,19 @@ class Diffusion:
         if clip:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps_hat = self.eps_from_x0(x_t, t, x0_hat)
-        if noise is None:
+        # Deterministic DDIM (eta = 0) draws no noise at all.
+        if noise is None and (kind != "ddim" or eta != 0.0):
             noise = torch.randn_like(x_t)
         if kind == "ddpm":
+            assert noise is not None
             prev = br.a * x0_hat + br.b * x_t + br.var.sqrt() * noise
         elif kind == "ddim":
             ab_s = self._coef(self._abar_at(s), x_t)
             sigma = eta * br.var.sqrt()
             dir_coef = (1 - ab_s - sigma**2).clamp(min=0).sqrt()
-            prev = ab_s.sqrt() * x0_hat + dir_coef * eps_hat + sigma * noise
+            prev = ab_s.sqrt() * x0_hat + dir_coef * eps_hat
+            if noise is not None and eta != 0.0:
+                prev = prev + sigma * noise
         else:
             raise ValueError(f"unknown sampler {kind!r}; use 'ddpm' or 'ddim'")
         return StepOutput(prev, x0_hat)
@@ -305,8 +324,11 @@ class TimestepSampler:
         The server draws (t_cut, T]; the client draws (0, t_cut].
         """
         low = low.long()
-        hi = torch.as_tensor(high, dtype=torch.long).expand_as(low)
-        if bool((hi <= low).any()) or int(hi.max()) > self.num_timesteps or int(low.min()) < 0:
+        hi = torch.as_tensor(high, dtype=torch.long, device=low.device).expand_as(low)
+        # Checked on the host only: reading device values back would stall every step.
+        if low.device.type == "cpu" and (
+            bool((hi <= low).any()) or int(hi.max()) > self.num_timesteps or int(low.min()) < 0
+        ):
             raise ValueError("need 0 <= low < high <= T for every sample")
-        u = torch.rand(low.shape, generator=generator, dtype=torch.float64)
+        u = torch.rand(low.shape, generator=generator, dtype=torch.float64, device=low.device)
         return low + 1 + torch.floor(u * (hi - low).double()).long().clamp(max=(hi - low - 1))

@@ -58,6 +58,7 @@ from collafuse.common.diffusion import Diffusion
 from collafuse.common.limits import channel_options, server_options
 from collafuse.common.metrics import count_flops
 from collafuse.common.nets import build_unet, ema_update
+from collafuse.server.trainer import make_optimizer
 
 Say = Callable[[str], None]
 
@@ -145,7 +146,8 @@ class BenchSettings:
     fair_reps: int
     """P6: requests timed beside a large one (the small one alone is timed reps + 1 times)."""
     compile: bool
-    """CUDA only: also compare P1 with a torch.compile'd bf16 forward."""
+    """The server compiles its synthesis network (sampler.compile), and on CUDA P1 also
+    compares with a torch.compile'd bf16 forward."""
     timesteps: int = 1000
     """T of the schedule."""
     cut_ratio: float = 0.3
@@ -248,7 +250,7 @@ def bench_server_config(
         train=ServerTrainConfig(batch_size=s.train_batch, min_pool=IDLE_POOL),
         # Room for every bench client; max_clients also sizes the label embedding (a lookup).
         policy=PolicyConfig(max_clients=max(s.clients) + 8, max_synthesize_n=s.fair_big_n),
-        sampler=SamplerConfig(max_batch=s.max_batch),
+        sampler=SamplerConfig(max_batch=s.max_batch, compile=s.compile),
         limits=LimitsConfig(rate_per_s=1e6, rate_burst=1_000_000, max_streams_per_client=1024),
     )
 
@@ -798,7 +800,7 @@ class Bench:
             # Warm-up: connections, allocator, the batch shape (and compilation).
             self.load.call("synth", address, ids, s.n, s.steps, 0, True)
             with hub.lock:
-                self._forward(hub.model, batch, 1, nullcontext())
+                self._forward(hub.model, batch, 1, server.sampler.autocast())
                 if compiled is not None:
                     try:
                         self._forward(compiled, batch, 2, bf16)
@@ -813,7 +815,9 @@ class Bench:
                 )
                 calls.append(server.sampler.forward_calls - before)
                 with hub.lock:
-                    bare.append(self._forward(hub.model, batch, bare_calls, nullcontext()))
+                    bare.append(
+                        self._forward(hub.model, batch, bare_calls, server.sampler.autocast())
+                    )
                     if compiled is not None:
                         bare_c.append(self._forward(compiled, batch, bare_calls, bf16))
                 if k in s.batching_clients:
@@ -847,7 +851,11 @@ class Bench:
                 served_rate / bare_rate,
                 f"served {served_rate:.4g} vs bare {bare_rate:.4g} image-steps/s at batch "
                 f"{batch}; {_median(calls):g} forward calls for {calls_needed}",
-                {**common, "baseline": "eager, same dtype as the sampler"},
+                {
+                    **common,
+                    "baseline": f"eager, {server.sampler.precision} as the sampler runs",
+                    "served_compiled": server.sampler.compile,
+                },
                 bound=bound,
             )
             if compiled is not None:
@@ -1011,7 +1019,7 @@ class Bench:
         trainer = self.server.trainer
         model = copy.deepcopy(trainer.model).train()
         ema = copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(model, cfg.lr, cfg.weight_decay)  # the trainer's (fused) AdamW
         abar = torch.tensor(
             [self.diffusion.alpha_bar(t) for t in range(self.diffusion.num_timesteps + 1)],
             dtype=torch.float32,
@@ -1036,7 +1044,7 @@ class Bench:
             loss = F.mse_loss(pred.float(), noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
             ema_update(ema, model, cfg.ema_decay)
 

@@ -212,7 +212,16 @@ def start_server(
         slice_size=config.sampler.slice_size,
         interactive_n=config.sampler.interactive_n,
         interactive_batch=config.sampler.interactive_batch,
+        precision=config.sampler.precision,
+        compile=config.sampler.compile,
     )
+    if config.sampler.compile:
+        log.info("compiling the synthesis network before serving (sampler.compile = true)")
+    try:
+        sampler.prepare(config.image.shape)
+    except Exception as exc:
+        pool.close()
+        raise StartupError(f"cannot compile the synthesis network: {exc}") from None
     audit = AuditLog(data_dir / "audit.log")
     receipts = ReceiptSigner(data_dir / "receipt.key")
     service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, receipts)

@@ -1,8 +1,9 @@
 """The server's sampler: runs T..t_cut, batching concurrent requests into one network call a step.
 
-Every sample carries its own timestep pair and its own noise generator, so requests from
-clients with different cuts, samplers and step counts share each forward pass, and a sample's
-result does not depend on what else was in the batch.
+Every sample carries its own timestep pair, and its noise depends only on the request's seed, the
+sample's index and the chain position, so requests from clients with different cuts, samplers
+and step counts share each forward pass, and a sample's result does not depend on what else was
+in the batch. The state of every running chain stays on the sampler's device until it is done.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,32 +27,73 @@ from collafuse.server.trainer import ModelHub
 
 log = logging.getLogger("collafuse.server.sampler")
 
+NOISE_BLOCK = 32
+"""Samples per noise draw: sample i of a request takes its noise from block i // NOISE_BLOCK."""
 
-def sample_generators(seed: int, n: int, first_index: int = 0) -> list[torch.Generator]:
-    """One generator per sample, derived from the request seed and the sample's index."""
-    return [
-        torch.Generator().manual_seed((seed * 1_000_003 + i) % (1 << 63))
-        for i in range(first_index, first_index + n)
-    ]
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, block: int, position: int) -> int:
+    """A 63-bit generator seed for (request seed, block, chain position): splitmix64 rounds."""
+    h = (seed & _MASK64) ^ 0x243F6A8885A308D3
+    for part in (block, position):
+        h = (h + 0x9E3779B97F4A7C15 + (part & _MASK64)) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def sample_noise(
+    seed: int,
+    lo: int,
+    hi: int,
+    position: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """N(0, I) for samples lo..hi-1 of a request at chain position `position` (0 draws x_T).
+
+    Each block of NOISE_BLOCK samples is one draw from a generator seeded by (seed, block,
+    position), of which the samples in [lo, hi) take their rows: the same values whatever the
+    request's slicing, its offset or the rest of the batch. `generator` (on `device`) is reused.
+    """
+    gen = generator if generator is not None else torch.Generator(device)
+    parts = []
+    for block in range(lo // NOISE_BLOCK, (hi - 1) // NOISE_BLOCK + 1):
+        start = block * NOISE_BLOCK
+        gen.manual_seed(_mix(seed, block, position))
+        z = torch.randn((NOISE_BLOCK, *shape), generator=gen, device=device)
+        parts.append(z[max(lo, start) - start : min(hi, start + NOISE_BLOCK) - start])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(eq=False)
 class Job:
-    """A slice of one request: samples moving together down their own timestep list."""
+    """A slice of one request: samples lo..hi-1 moving together down their timestep list."""
 
-    x: Tensor  # (n, C, H, W) current state
+    seed: int
+    lo: int  # index of the job's first sample within its request
+    hi: int
+    shape: tuple[int, int, int]
     timesteps: list[int]
     kind: SamplerKind
     eta: float
-    labels: Tensor  # (n,) int64
-    generators: list[torch.Generator]
+    label: int
     request: int = 0  # the jobs of one request share this number
     pos: int = 0
     waited: int = 0  # steps in a row this job was left out
+    # The state x at timesteps[pos]: None until the job first runs, on the sampler's device
+    # while it runs, on the CPU once it is done.
+    x: Tensor | None = None
+    labels: Tensor | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False
-    model_version: int = 0
+    # The weights the whole chain runs on, pinned in the hub when the job first runs.
+    model_version: int = -1
+    pinned: bool = False
     # Called from the sampler thread once the job is done (an asyncio server wakes its handler).
     on_done: list[Callable[[], object]] = field(default_factory=list)
 
@@ -63,17 +108,26 @@ class Job:
     @property
     def n(self) -> int:
         """Samples in this job."""
-        return int(self.x.shape[0])
+        return self.hi - self.lo
 
-    def noise(self) -> Tensor:
-        """Fresh N(0, I) for each sample from its own generator, shape like x."""
-        shape = self.x.shape[1:]
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+    @property
+    def needs_noise(self) -> bool:
+        """Whether a step draws noise: every sampler but deterministic DDIM does."""
+        return self.kind != "ddim" or self.eta != 0.0
 
 
 def default_max_batch(device: torch.device) -> int:
     """Samples per step when the config leaves it to the device (sampler.max_batch = 0)."""
     return 512 if device.type == "cuda" else 16
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """sampler.precision with auto resolved: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 class BatchingSampler:
@@ -98,6 +152,8 @@ class BatchingSampler:
         interactive_n: int = 16,
         interactive_batch: int = 0,
         max_wait: int = 8,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.diffusion = diffusion
         self.hub = hub
@@ -110,12 +166,46 @@ class BatchingSampler:
         auto = 128 if device.type == "cuda" else 16
         self.interactive_batch = min(self.max_batch, interactive_batch or auto)
         self.max_wait = max_wait
+        self.precision = resolve_precision(precision, device)
+        self.compile = compile
+        self._net: Callable[..., Any] = hub.model
+        self._generator = torch.Generator(device)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._requests = itertools.count(1)
         self.forward_calls = 0
         self.samples_stepped = 0
+        self.queue_depth = 0
+        """Jobs waiting or running, as of the last step."""
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The precision the network runs in during synthesis."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def prepare(self, shape: tuple[int, int, int]) -> float:
+        """Compile the network when asked to, before any request waits for it; returns seconds.
+
+        The batch dimension is compiled dynamic, so one graph serves every batch of two or more
+        (a single sample is padded to two rather than compiled again).
+        """
+        if not self.compile:
+            return 0.0
+        started = time.perf_counter()
+        self._net = torch.compile(self.hub.model, dynamic=True)
+        for batch in (2, min(self.max_batch, 64)):
+            x = torch.zeros((batch, *shape), device=self.device)
+            t = torch.full((batch,), 1, dtype=torch.long, device=self.device)
+            labels = torch.zeros(batch, dtype=torch.long, device=self.device)
+            with self.hub.lock:
+                self._forward(x, t, labels, None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        log.info("compiled the synthesis network in %.0f s", seconds)
+        return seconds
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -141,24 +231,32 @@ class BatchingSampler:
 
         Returns the jobs (slices of at most slice_size samples, in order).
         """
-        gens = sample_generators(seed, n, first_index)
         request = next(self._requests)
         jobs = []
-        for lo in range(0, n, self.slice_size):
-            g = gens[lo : lo + self.slice_size]
-            x = torch.stack([torch.randn(shape, generator=gi) for gi in g])
+        lo, end = first_index, first_index + n
+        while lo < end:
+            # Cut at multiples of slice_size, so a resumed request is sliced like the original.
+            hi = min(end, (lo // self.slice_size + 1) * self.slice_size)
             job = Job(
-                x=x,
+                seed=seed,
+                lo=lo,
+                hi=hi,
+                shape=shape,
                 timesteps=list(timesteps),
                 kind=kind,
                 eta=eta,
-                labels=torch.full((len(g),), label, dtype=torch.long),
-                generators=g,
+                label=label,
                 request=request,
             )
             jobs.append(job)
             self._queue.put(job)
+            lo = hi
         return jobs
+
+    def _release(self, job: Job) -> None:
+        if job.pinned:
+            job.pinned = False
+            self.hub.unpin(job.model_version)
 
     def _run(self) -> None:
         active: list[Job] = []
@@ -169,7 +267,11 @@ class BatchingSampler:
                     active.append(self._queue.get(timeout=0.1 if not active else 0.0))
             except queue.Empty:
                 pass
+            for job in active:
+                if job.cancelled:
+                    self._release(job)
             active = [j for j in active if not j.cancelled]
+            self.queue_depth = len(active)
             if not active:
                 continue
             batch = self.pick(active)
@@ -178,13 +280,22 @@ class BatchingSampler:
                 job.waited = 0 if id(job) in chosen else job.waited + 1
             try:
                 self._step(batch)
-            except Exception as exc:  # fail these requests, keep serving others
-                log.exception("sampler step failed")
+            except Exception as exc:
+                # One bad request must not fail the others that shared its step: retry each
+                # alone, and fail only those that fail by themselves.
+                log.exception("sampler step of %d jobs failed", len(batch))
                 for job in batch:
-                    job.finish(exc)
+                    try:
+                        if len(batch) == 1:
+                            raise exc
+                        self._step([job])
+                    except Exception as own:
+                        self._release(job)
+                        job.finish(own)
             finished = [j for j in batch if j.done.is_set()]
             active = [j for j in active if j not in finished]
         for job in active:
+            self._release(job)
             job.finish(RuntimeError("server is shutting down"))
 
     def pick(self, active: list[Job]) -> list[Job]:
@@ -212,43 +323,124 @@ class BatchingSampler:
                 room -= job.n
         return batch
 
+    def _forward(self, x: Tensor, t: Tensor, labels: Tensor, weights: Any) -> Tensor:
+        """eps_hat in float32; `weights` None runs the hub's current weights."""
+        pad = 0
+        if self.compile and x.shape[0] == 1:
+            # The compiled graph is dynamic for batches of 2 and more; one sample rides twice.
+            pad = 1
+            x, t, labels = (torch.cat([v, v]) for v in (x, t, labels))
+        with torch.inference_mode(), self.autocast():
+            if weights is None:
+                out = self._net(x, t, class_labels=labels).sample
+            else:
+                out = torch.func.functional_call(
+                    self.hub.model, weights, (x, t), {"class_labels": labels}
+                ).sample
+        out = out.float()
+        return out[:1] if pad else out
+
+    def _start(self, job: Job) -> None:
+        """A job's first step: pin the weights its chain runs on and draw x_T on the device."""
+        job.model_version = self.hub.pin()
+        job.pinned = True
+        job.x = sample_noise(job.seed, job.lo, job.hi, 0, job.shape, self.device, self._generator)
+        job.labels = torch.full((job.n,), job.label, dtype=torch.long, device=self.device)
+
     def _step(self, batch: list[Job]) -> None:
-        """One network call for every job in the batch, then each job's own update."""
-        x = torch.cat([j.x for j in batch]).to(self.device)  # (B, C, H, W)
-        t = torch.cat([torch.full((j.n,), j.timesteps[j.pos], dtype=torch.long) for j in batch])
-        s = torch.cat([torch.full((j.n,), j.timesteps[j.pos + 1], dtype=torch.long) for j in batch])
-        labels = torch.cat([j.labels for j in batch]).to(self.device)
-        noise = torch.cat([j.noise() for j in batch]).to(self.device)
-        with self.hub.lock, torch.inference_mode():
-            eps = self.hub.model(x, t.to(self.device), class_labels=labels).sample.float()
-            version = self.hub.version
-        self.forward_calls += 1
-        self.samples_stepped += x.shape[0]
-        # One update per sampler kind and eta over all their rows, not one per job: per-call
-        # overhead would otherwise grow with the number of requests in the step.
+        """One network call per model version in the batch, then one update per sampler kind.
+
+        Nothing here reads device values back to the host, except the finished samples once.
+        """
+        for job in batch:
+            if job.x is None:
+                self._start(job)
+        xs = [j.x for j in batch if j.x is not None]
+        x = torch.cat(xs)  # (B, C, H, W) on the device
+        labels = torch.cat([j.labels for j in batch if j.labels is not None])
+        t_host = [j.timesteps[j.pos] for j in batch for _ in range(j.n)]
+        s_host = [j.timesteps[j.pos + 1] for j in batch for _ in range(j.n)]
+        t = torch.tensor(t_host, dtype=torch.long).to(self.device, non_blocking=True)
+        s = torch.tensor(s_host, dtype=torch.long).to(self.device, non_blocking=True)
         spans: list[tuple[int, int]] = []
-        groups: dict[tuple[SamplerKind, float], list[int]] = defaultdict(list)
         offset = 0
         for job in batch:
             spans.append((offset, offset + job.n))
-            groups[(job.kind, job.eta)].extend(range(offset, offset + job.n))
             offset += job.n
+        versions = sorted({j.model_version for j in batch})
+        with self.hub.lock:
+            if len(versions) == 1:
+                eps = self._forward(x, t, labels, self.hub.weights(versions[0]))
+            else:
+                # Chains pinned to weights the trainer has since replaced: one call per version.
+                eps = torch.empty_like(x)
+                for version in versions:
+                    mine = torch.tensor(
+                        [
+                            r
+                            for j, (lo, hi) in zip(batch, spans, strict=True)
+                            if j.model_version == version
+                            for r in range(lo, hi)
+                        ]
+                    ).to(self.device, non_blocking=True)
+                    eps[mine] = self._forward(
+                        x[mine], t[mine], labels[mine], self.hub.weights(version)
+                    )
+        self.forward_calls += len(versions)
+        self.samples_stepped += x.shape[0]
+        noisy = [j for j in batch if j.needs_noise]
+        noise: Tensor | None = None
+        if noisy:
+            noise = torch.zeros_like(x) if len(noisy) < len(batch) else None
+            parts = []
+            for job, (lo, hi) in zip(batch, spans, strict=True):
+                if job.needs_noise:
+                    z = sample_noise(
+                        job.seed,
+                        job.lo,
+                        job.hi,
+                        job.pos + 1,
+                        job.shape,
+                        self.device,
+                        self._generator,
+                    )
+                    if noise is None:
+                        parts.append(z)
+                    else:
+                        noise[lo:hi] = z
+            if noise is None:
+                noise = torch.cat(parts)
+        # One update per sampler kind and eta over all their rows, not one per job: per-call
+        # overhead would otherwise grow with the number of requests in the step.
+        groups: dict[tuple[SamplerKind, float], list[int]] = defaultdict(list)
+        for job, (lo, hi) in zip(batch, spans, strict=True):
+            groups[(job.kind, job.eta)].extend(range(lo, hi))
         if len(groups) == 1:
             (kind, eta), _ = next(iter(groups.items()))
             prev = self.diffusion.step(eps, x, t, s, kind=kind, eta=eta, noise=noise).prev_sample
         else:
             prev = torch.empty_like(x)
             for (kind, eta), rows in groups.items():
-                idx = torch.tensor(rows)
-                dev = idx.to(x.device)
+                idx = torch.tensor(rows).to(self.device, non_blocking=True)
                 out = self.diffusion.step(
-                    eps[dev], x[dev], t[idx], s[idx], kind=kind, eta=eta, noise=noise[dev]
+                    eps[idx],
+                    x[idx],
+                    t[idx],
+                    s[idx],
+                    kind=kind,
+                    eta=eta,
+                    noise=None if noise is None else noise[idx],
                 )
-                prev[dev] = out.prev_sample
-        prev = prev.cpu()
-        for job, (lo, hi) in zip(batch, spans, strict=True):
-            job.x = prev[lo:hi]
+                prev[idx] = out.prev_sample
+        finishing = [j.pos + 1 == len(j.timesteps) - 1 for j in batch]
+        # The one copy back to the host: the samples whose chains end at this step.
+        host = prev.cpu() if any(finishing) else None
+        for job, (lo, hi), ends in zip(batch, spans, finishing, strict=True):
             job.pos += 1
-            job.model_version = version
-            if job.pos == len(job.timesteps) - 1:
+            if ends and host is not None:
+                job.x = host[lo:hi]
+                job.labels = None
+                self._release(job)
                 job.finish()
+            else:
+                job.x = prev[lo:hi]

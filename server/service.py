@@ -163,8 +163,11 @@ class CollaFuseService:
                     await ready.wait()
                 if job.error is not None:
                     raise job.error
+                samples = job.x
+                if samples is None:  # a finished job always holds its samples
+                    raise RuntimeError("the sampler finished a job without samples")
                 for lo in range(0, job.n, per_chunk):
-                    part = job.x[lo : lo + per_chunk]
+                    part = samples[lo : lo + per_chunk]
                     yield SynthesisChunk(
                         timestep=record.t_cut,
                         offset=offset,

@@ -65,6 +65,27 @@ def all_finite(obj: object) -> bool:
     return all(bool(torch.stack(group).all()) for group in flags.values())
 
 
+CHECK_EVERY_ON_ACCELERATOR = 16
+"""Steps between the trainer's checks of its weights on a GPU: each check waits for the device."""
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as the trainer runs it: fused, so a step can be dropped on the device (found_inf)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load optimizer state, keeping the fused implementation.
+
+    A state dict carries its param groups' options, and a checkpoint written before the trainer
+    used the fused AdamW would switch it back to one that cannot skip a step on the device.
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        group["foreach"] = None
+
+
 def _to_cpu(obj: Any) -> Any:
     """A deep copy of a (nested) state dict with every tensor copied to CPU memory."""
     if isinstance(obj, Tensor):
@@ -89,18 +110,58 @@ class GoodState:
 
 
 class ModelHub:
-    """The weights that serve synthesis, swapped in by the trainer under a lock."""
+    """The weights that serve synthesis, swapped in by the trainer under a lock.
+
+    A chain runs on one version from start to end: the sampler pins the version a chain
+    starts on, and when the trainer publishes while chains are pinned to the current weights,
+    the hub keeps a copy of those on the device until the last of them is unpinned.
+    """
 
     def __init__(self, model: nn.Module, version: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.version = version
         self.lock = threading.Lock()
+        self._pins: dict[int, int] = {}
+        self._retired: dict[int, dict[str, Tensor]] = {}
 
     def publish(self, state: dict[str, Tensor], version: int) -> None:
         """Load new weights; callers of the model hold `lock` while they use it."""
         with self.lock:
+            if self._pins.get(self.version) and self.version not in self._retired:
+                self._retired[self.version] = {
+                    k: v.detach().clone() for k, v in self.model.state_dict().items()
+                }
             self.model.load_state_dict(state)
             self.version = version
+            self._retired.pop(version, None)
+
+    def pin(self) -> int:
+        """The current version, kept available until unpin(version)."""
+        with self.lock:
+            self._pins[self.version] = self._pins.get(self.version, 0) + 1
+            return self.version
+
+    def unpin(self, version: int) -> None:
+        """A chain on `version` ended; its weights go once no chain needs them."""
+        with self.lock:
+            left = self._pins.get(version, 0) - 1
+            if left > 0:
+                self._pins[version] = left
+            else:
+                self._pins.pop(version, None)
+                self._retired.pop(version, None)
+
+    def weights(self, version: int) -> dict[str, Tensor] | None:
+        """The weights of a pinned older version; None for the current one. Hold `lock`."""
+        if version == self.version:
+            return None
+        return self._retired[version]
+
+    @property
+    def retired_versions(self) -> list[int]:
+        """Older versions still kept for running chains."""
+        with self.lock:
+            return sorted(self._retired)
 
 
 def unconditional_label(config: ServerConfig) -> int:
@@ -133,11 +194,16 @@ class Trainer:
         self.checkpoint_path = checkpoint_path
         self.model = build_server_unet(config).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.step = 0
-        self.last_loss = math.nan
+        # Kept on the device and read only when asked for: a read every step would stall a GPU.
+        self._last_loss = torch.tensor(math.nan, device=device)
+        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_host = 0
+        self._nonfinite_seen = 0
+        self.check_every = 1 if device.type == "cpu" else CHECK_EVERY_ON_ACCELERATOR
+        """Steps between finiteness checks of the weights (each check reads them back)."""
+        self._generator = torch.Generator(device)
         self.num_parameters = count_parameters(self.model)
         self.timesteps = TimestepSampler(diffusion.num_timesteps)
         self.trained_since: dict[int, int] = {}
@@ -153,9 +219,6 @@ class Trainer:
         """(reason, monotonic time of the restart or None) while the loop is down after an error."""
         self._last_error: str | None = None
         self._resume()
-        self.nonfinite_steps = 0
-        """Steps skipped for a non-finite loss or gradient norm, plus steps whose weights came
-        out non-finite and were rolled back; GetStatus reports it."""
         self._good: GoodState | None = None
         self._remember_good()
         if self._good is None:  # a checkpoint written before this defence may hold NaN
@@ -163,8 +226,9 @@ class Trainer:
             self._remember_good()
         self.hub = ModelHub(copy.deepcopy(self.ema), version=self.step)
         self._cuts = torch.empty(0, device=device)
-        self._t_cut = torch.empty(0, dtype=torch.long)
-        self._labels = torch.empty(0, dtype=torch.long)
+        self._t_cut = torch.empty(0, dtype=torch.long, device=device)
+        self._labels = torch.empty(0, dtype=torch.long, device=device)
+        self._size = 0
         self._seq = 0
         # Guards the in-memory pool: the training thread reads it, Forget removes rows from it.
         self._data_lock = threading.RLock()
@@ -208,7 +272,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was made with another schedule")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self.last_loss = float(state.get("last_loss", math.nan))
         self.trained_since = {int(k): int(v) for k, v in state.get("trained_since", {}).items()}
@@ -339,7 +403,7 @@ class Trainer:
         the same poisoned batch again. Without a snapshot (a resumed checkpoint that was already
         non-finite) the weights start afresh.
         """
-        self.nonfinite_steps += 1
+        self._nonfinite_host += 1
         good = self._good
         if good is None:
             fresh = build_server_unet(self.config).to(self.device)
@@ -354,7 +418,7 @@ class Trainer:
         self.ema.load_state_dict(good.ema)
         # A fresh copy: on CPU load_state_dict keeps the tensors it is given, and AdamW would
         # then update the snapshot in place.
-        self.optimizer.load_state_dict(_to_cpu(good.optimizer))
+        load_optimizer(self.optimizer, _to_cpu(good.optimizer))
         log.warning(
             "step %d: %s; rolled back to the weights of step %d (%d non-finite steps so far)",
             self.step,
@@ -362,19 +426,6 @@ class Trainer:
             good.step,
             self.nonfinite_steps,
         )
-
-    def _skip(self, loss: float, why: str) -> float:
-        """Drop this step's gradients without an optimizer step; the step counter moves on."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        self.step += 1
-        log.warning(
-            "step %d skipped: %s (a poisoned cut image in the batch?); %d non-finite steps so far",
-            self.step,
-            why,
-            self.nonfinite_steps,
-        )
-        return loss
 
     def _publish(self) -> bool:
         """Hand the EMA weights to the sampler, unless they are non-finite."""
@@ -395,15 +446,16 @@ class Trainer:
                 if rows.cuts.numel():
                     self.add_cuts(rows.cuts, rows.t_cut, rows.client_index)
                     self._seq = rows.last_seq
-            return int(self._t_cut.numel())
+            return self._size
 
     def add_cuts(self, cuts: Tensor, t_cut: Tensor, client_index: Tensor) -> None:
         """Add cut images (N, C, H, W) with their t_cut and client index, each (N,)."""
         with self._data_lock:
             old = self._cuts.reshape(-1, *cuts.shape[1:])
             self._cuts = torch.cat([old, cuts.to(self.device)])
-            self._t_cut = torch.cat([self._t_cut, t_cut.long()])
-            self._labels = torch.cat([self._labels, client_index.long()])
+            self._t_cut = torch.cat([self._t_cut, t_cut.long().to(self.device)])
+            self._labels = torch.cat([self._labels, client_index.long().to(self.device)])
+            self._size = int(self._t_cut.numel())
             for label in client_index.unique().tolist():
                 self.trained_since.setdefault(int(label), self.step)
 
@@ -414,11 +466,10 @@ class Trainer:
         """
         with self._data_lock:
             keep = self._labels != client_index
-            self._cuts = (
-                self._cuts[keep.to(self._cuts.device)] if self._cuts.numel() else self._cuts
-            )
+            self._cuts = self._cuts[keep] if self._cuts.numel() else self._cuts
             self._t_cut = self._t_cut[keep]
             self._labels = self._labels[keep]
+            self._size = int(self._t_cut.numel())
             since = self.trained_since.pop(client_index, None)
             if since is None or self.step <= since:
                 return None
@@ -426,55 +477,82 @@ class Trainer:
 
     # ----- training --------------------------------------------------------------------------
 
-    def train_step(self) -> float:
-        """One AdamW step of the bridge loss on a random batch of the pool."""
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last step that was not skipped (NaN before the first)."""
+        return float(self._last_loss)
+
+    @last_loss.setter
+    def last_loss(self, value: float) -> None:
+        self._last_loss = torch.tensor(value, device=self.device)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped for a non-finite loss or gradient norm, plus steps whose weights came
+        out non-finite and were rolled back; GetStatus reports it."""
+        return self._nonfinite_host + int(self._nonfinite)
+
+    def train_step(self) -> Tensor:
+        """One AdamW step of the bridge loss on a random batch of the pool; returns the loss.
+
+        Nothing here reads a device value back to the host, so a GPU never waits for the
+        Python thread: the loss comes back as a 0-d tensor, a step with a non-finite loss or
+        gradient norm is dropped on the device (the fused optimizer's found_inf; the EMA still
+        takes its step, towards unchanged weights), and the weights are checked for
+        non-finite values every `check_every` steps, rolled back to the last good copy if any.
+        """
         cfg = self.config.train
         # Seeded per step so a resumed run draws what an uninterrupted one would.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        n = self._t_cut.numel()
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)  # with replacement
-        x_c = self._cuts[idx.to(self._cuts.device)]  # (B, C, H, W)
+        gen = self._generator.manual_seed(cfg.seed * 1_000_003 + self.step)
+        dev = self.device
+        B = cfg.batch_size
+        idx = torch.randint(0, self._size, (B,), generator=gen, device=dev)  # with replacement
+        x_c = self._cuts[idx]  # (B, C, H, W)
         c = self._t_cut[idx]  # (B,)
         t = self.timesteps.sample(c, self.diffusion.num_timesteps, generator=gen)  # (B,) in (c, T]
-        labels = self._labels[idx].clone()
-        drop = torch.rand(labels.shape, generator=gen) < cfg.p_uncond
-        labels[drop] = unconditional_label(self.config)
-        noise = torch.randn(x_c.shape, generator=gen).to(self.device)
+        drop = torch.rand((B,), generator=gen, device=dev) < cfg.p_uncond
+        labels = torch.where(drop, unconditional_label(self.config), self._labels[idx])
+        noise = torch.randn(x_c.shape, generator=gen, device=dev)
         self.model.train()
         autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else nullcontext()
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
         )
         with autocast:
             out = self.diffusion.bridge_loss(
-                UNetDenoiser(self.model, labels.to(self.device)),
-                x_c,
-                c,
-                t,
-                noise,
-                gamma=cfg.loss_gamma,
+                UNetDenoiser(self.model, labels), x_c, c, t, noise, gamma=cfg.loss_gamma
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss = out.loss.float()
-        value = float(loss.detach())
-        # A non-finite loss or gradient would turn every weight to NaN in one AdamW step (and
-        # the EMA soon after): skip the step instead. Clipping already bounds finite gradients.
-        if not math.isfinite(value):
-            return self._skip(value, f"non-finite loss {value}")
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0))
-        if not math.isfinite(grad_norm):
-            return self._skip(value, f"non-finite gradient norm {grad_norm}")
+        # Clipping bounds finite gradients; a non-finite loss or norm would turn every weight
+        # to NaN in one AdamW step, so the optimizer skips the update when `bad` is set.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
         self.optimizer.step()
         ema_update(self.ema, self.model, cfg.ema_decay)
+        self._nonfinite += bad
+        self._last_loss = torch.where(bad, self._last_loss, loss.detach())
         self.step += 1
+        if self.step % self.check_every == 0:
+            self._check()
+        return loss.detach()
+
+    def _check(self) -> None:
+        """Read back the skip count and the weights' finiteness; roll back if needed."""
+        skipped = int(self._nonfinite)
+        if skipped > self._nonfinite_seen:
+            log.warning(
+                "step %d: %d step(s) skipped for a non-finite loss or gradient (a poisoned cut "
+                "image in the batch?); %d non-finite steps so far",
+                self.step,
+                skipped - self._nonfinite_seen,
+                self.nonfinite_steps,
+            )
+            self._nonfinite_seen = skipped
         # A finite step can still overflow (a huge learning rate, float16 state): never keep it.
         if not all_finite((self.model.state_dict(), self.ema.state_dict())):
             self._roll_back("the update made weights non-finite")
-            return value
-        self.last_loss = value
-        return value
 
     def _run(self) -> None:
         cfg = self.config.train
@@ -524,7 +602,7 @@ class Trainer:
         cfg = self.config.train
         if cfg.max_steps and self.step >= cfg.max_steps:
             return "finished"
-        if self._t_cut.numel() < cfg.min_pool:
+        if self._size < cfg.min_pool:
             return "waiting for data"
         return "training"
 
