@@ -194,18 +194,30 @@ class BatchingSampler:
         if not self.compile:
             return 0.0
         started = time.perf_counter()
-        self._net = torch.compile(self.hub.model, dynamic=True)
-        for batch in (2, min(self.max_batch, 64)):
-            x = torch.zeros((batch, *shape), device=self.device)
-            t = torch.full((batch,), 1, dtype=torch.long, device=self.device)
-            labels = torch.zeros(batch, dtype=torch.long, device=self.device)
-            with self.hub.lock:
-                self._forward(x, t, labels, None)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            self._net = torch.compile(self.hub.model, dynamic=True)
+            for batch in (2, min(self.max_batch, 64)):
+                x = torch.zeros((batch, *shape), device=self.device)
+                t = torch.full((batch,), 1, dtype=torch.long, device=self.device)
+                labels = torch.zeros(batch, dtype=torch.long, device=self.device)
+                with self.hub.lock:
+                    self._forward(x, t, labels, None)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            # A machine without a working compiler can still serve, only slower: say so loudly.
+            log.warning(
+                "torch.compile failed (%s: %s); serving uncompiled", type(exc).__name__, exc
+            )
+            self._uncompile()
         seconds = time.perf_counter() - started
-        log.info("compiled the synthesis network in %.0f s", seconds)
+        if self.compile:
+            log.info("compiled the synthesis network in %.0f s", seconds)
         return seconds
+
+    def _uncompile(self) -> None:
+        self.compile = False
+        self._net = self.hub.model
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -331,7 +343,20 @@ class BatchingSampler:
             pad = 1
             x, t, labels = (torch.cat([v, v]) for v in (x, t, labels))
         with torch.inference_mode(), self.autocast():
-            if weights is None:
+            if weights is None and self.compile:
+                try:
+                    out = self._net(x, t, class_labels=labels).sample
+                except Exception:
+                    log.exception("the compiled network failed; serving uncompiled from now on")
+                    self._uncompile()
+                    x, t, labels = (
+                        x[: x.shape[0] - pad],
+                        t[: t.shape[0] - pad],
+                        labels[: labels.shape[0] - pad],
+                    )
+                    pad = 0
+                    out = self.hub.model(x, t, class_labels=labels).sample
+            elif weights is None:
                 out = self._net(x, t, class_labels=labels).sample
             else:
                 out = torch.func.functional_call(
