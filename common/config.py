@@ -184,8 +184,8 @@ class SamplerConfig(_Frozen):
     schedule arithmetic stays float32); auto takes bf16 on CUDA and fp32 elsewhere."""
     compile: bool = False
     """torch.compile the network for synthesis. The server compiles before it starts
-    listening (about a minute for the 36M-parameter UNet on an H200), with the batch size
-    dynamic, so no request waits for a compilation."""
+    listening, with the batch size dynamic, so no request waits for a compilation (a
+    compilation that fails leaves the network uncompiled, with a warning)."""
 
 
 class ServerConfig(_Frozen):

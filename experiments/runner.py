@@ -598,7 +598,7 @@ class Study:
             finish_chain(
                 self.diffusion,
                 clients[i],
-                torch.cat([j.x for j in jobs[i]]),
+                torch.cat([j.x for j in jobs[i] if j.x is not None]),
                 t_cut,
                 self._share(t_cut),
                 ev.sampler,
