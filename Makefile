@@ -5,16 +5,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= demo-out
+# The torch release `make setup` installs (any build of it; see the setup recipe).
+TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test test-all soak bench lint typecheck protos check-protos clean
+.PHONY: setup demo demo-multihost test test-all soak bench lint typecheck protos check-protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing CollaFuse and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
-	# torch==2.13.0 is pinned in pyproject.toml: the CPU build that lies on disk here.
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict \
+	@# torch first, as this exact release: its CPU build lies on disk on our machines, while the
+	@# project's range (torch>=2.3,<3) would let pip fetch a multi-GB CUDA build from the index.
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) \
 		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict \
+		>> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	touch $(STAMP)
 
 $(FMNIST):
@@ -28,6 +33,11 @@ setup: $(STAMP) $(FMNIST)
 
 demo: setup
 	$(VENV)/bin/collafuse demo --clients 3 --out $(DEMO_OUT) --overwrite
+
+# The demo across network namespaces: 1 server + 3 client hosts on a bridge, links shaped by
+# tc tbf and delayed by a relay (the last client's link is the poor one). Run as root.
+demo-multihost: setup
+	$(VENV)/bin/collafuse demo-multihost --clients 3 --out demo-multihost-out --overwrite
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -72,7 +72,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _client_config(args: argparse.Namespace) -> ClientConfig:
-    return load_config(ClientConfig, args.config, args.set)
+    # Defaults < config file < COLLAFUSE_CLIENT_* environment < --set.
+    return load_config(ClientConfig, args.config, args.set, env=os.environ)
 
 
 def run_client(args: argparse.Namespace) -> int:

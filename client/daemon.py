@@ -22,14 +22,18 @@ import grpc
 import torch
 
 from collafuse.client.ledger import Ledger, LedgerError, Release
+from collafuse.client.metrics import client_registry
 from collafuse.client.remote import Remote
 from collafuse.client.secret import image_noise, load_or_create_secret, wire_id
 from collafuse.client.trainer import LocalTrainer
-from collafuse.common.config import ClientConfig
+from collafuse.common.checkpoint import checkpoint_files
+from collafuse.common.config import ClientConfig, ConfigError
 from collafuse.common.data import LocalData, load_local_data
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import CutBatch, ForgetResult, Registration, Session, UploadResult
+from collafuse.common.export import WarmStartError, check_fits, client_target, read_manifest
 from collafuse.common.files import private_dir
+from collafuse.common.obs import MetricsEndpoint, serve_metrics
 from collafuse.common.store import DISK_FULL_MARKER
 
 log = logging.getLogger("collafuse.client")
@@ -103,6 +107,7 @@ class ClientDaemon:
         # Per message of the current upload stream: (ledger seq, wire id, local id) per image.
         self._sent: list[list[tuple[int, str, str]]] = []
         self._ledger_error: LedgerError | None = None  # why the current stream's ledger refused
+        self.metrics: MetricsEndpoint | None = None  # the /metrics listener while run() runs
 
     # ----- status --------------------------------------------------------------------------
 
@@ -239,6 +244,23 @@ class ClientDaemon:
             )
         return replace(answer, t_cut=t_cut, release_snr=snr)
 
+    def _check_init_from(self, session: Session) -> None:
+        """Refuse an init_from folder that does not fit, before anything is uploaded.
+
+        LocalTrainer loads the folder only after the upload; a folder for another cut or model
+        would otherwise be found out once the images had already been released.
+        """
+        folder = self.config.init_from
+        if folder is None or checkpoint_files(self.paths["checkpoint"]):
+            return
+        try:
+            manifest = read_manifest(folder)
+            target = client_target(self.config, session.schedule.hash, session.t_cut)
+            check_fits(manifest, target, folder)
+        except WarmStartError as exc:
+            self.write_status(phase="refused", last_error=str(exc))
+            raise
+
     # ----- upload --------------------------------------------------------------------------
 
     def _releases(self, idx: list[int], cuts: torch.Tensor, t_cut: int) -> list[Release]:
@@ -363,6 +385,8 @@ class ClientDaemon:
         every = max(1, self.config.train.steps // 20)
 
         def progress(step: int, loss: float) -> None:
+            # Every step in memory, for /metrics scrapes; status.json only now and then.
+            self.status.train_step, self.status.last_loss = step, loss
             if step % every == 0 or step == self.config.train.steps:
                 self.write_status(train_step=step, last_loss=loss, train_seconds=trainer.seconds)
                 log.info("local step %d/%d loss %.4f", step, self.config.train.steps, loss)
@@ -379,7 +403,10 @@ class ClientDaemon:
     def run(self) -> int:
         """Register, upload, train, then idle with heartbeats; returns an exit code."""
         try:
+            if self.config.metrics_listen:
+                self._serve_metrics()
             session = self.register()
+            self._check_init_from(session)
             self.upload(session)
             self.train(session)
             self.write_status(phase="done" if self.config.exit_when_done else "idle")
@@ -396,9 +423,20 @@ class ClientDaemon:
         finally:
             if self.status.phase not in ("done", "refused"):
                 self.write_status(phase="stopped")
+            if self.metrics is not None:
+                self.metrics.stop()
             if self.remote is not None:
                 self.remote.close()
             self.ledger.close()
+
+    def _serve_metrics(self) -> None:
+        try:
+            self.metrics = serve_metrics(self.config.metrics_listen, client_registry(self.status))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {self.config.metrics_listen}: {exc}"
+            ) from None
+        log.info("metrics on %s", self.metrics.url)
 
     def forget(self) -> ForgetResult:
         """Ask the server to delete our cut images; the ledger records its answer."""

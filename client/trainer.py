@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from collafuse.common.checkpoint import load_checkpoint, save_atomic
 from collafuse.common.config import ClientConfig, ScheduleConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
+from collafuse.common.export import client_target, warm_start_state
 from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, ema_update
 
 log = logging.getLogger("collafuse.client.trainer")
@@ -54,6 +55,27 @@ class LocalTrainer:
         state = load_checkpoint(checkpoint_path)
         if state is not None:
             self._resume(state)
+            if config.init_from is not None:
+                log.info(
+                    "init_from %s ignored: the client resumes from its own checkpoint %s",
+                    config.init_from,
+                    checkpoint_path,
+                )
+        elif config.init_from is not None:
+            self._warm_start(config.init_from, num_class_embeds)
+
+    def _warm_start(self, folder: Path, num_class_embeds: int | None) -> None:
+        """Start model and EMA from an exported folder that fits this schedule and cut."""
+        target = client_target(self.config, self.diffusion.hash, self.t_cut, num_class_embeds)
+        state, manifest = warm_start_state(folder, target)
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        log.info(
+            "starting from %s: the client model of step %d exported from %s",
+            folder,
+            manifest.source.step,
+            manifest.source.path,
+        )
 
     def _resume(self, state: dict[str, Any]) -> None:
         if state["schedule_hash"] != self.diffusion.hash or state["t_cut"] != self.t_cut:

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import tomllib
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from types import UnionType
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from collafuse import __version__
 
@@ -18,6 +30,25 @@ CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 # wire enum (SAMPLER_<NAME>), the config fields and the CLI choices follow from this list.
 SamplerKind = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerKind)
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(name: str) -> str:
+    """A device name as `auto`, `cpu`, `cuda` or `cuda:N` (N a GPU index), or ValueError.
+
+    Only the spelling is checked here: whether the GPU exists is a fact about the machine that
+    runs the config, checked when the server starts (`nets.pick_device`).
+    """
+    if name in ("auto", "cpu", "cuda"):
+        return name
+    kind, sep, index = name.partition(":")
+    if kind == "cuda" and sep and index.isascii() and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ValueError(f"device must be {DEVICE_CHOICES} (N a GPU index, 0 or more)")
+
+
+DeviceName = Annotated[str, AfterValidator(check_device)]
 
 
 class ConfigError(ValueError):
@@ -195,6 +226,11 @@ class ServerConfig(_Frozen):
     """HOST:PORT to listen on; port 0 picks a free one."""
     data_dir: Path = Path("collafuse-server")
     """Where the pool, checkpoints and logs live."""
+    init_from: Path | None = None
+    """A model folder from `collafuse export` to start from while data_dir holds no checkpoint:
+    its weights become the model and EMA weights at step 0. It must match this schedule, image
+    shape, model and policy.max_clients, or the server refuses to start. Once the server has a
+    checkpoint of its own, that wins and the folder is ignored (the log says so)."""
     insecure: bool = False
     """Serve plaintext gRPC (loopback and tests only); otherwise TLS from tls_cert/tls_key."""
     tls_cert: Path | None = None
@@ -217,8 +253,17 @@ class ServerConfig(_Frozen):
     SIGHUP."""
     admins: tuple[str, ...] = ()
     """Identities (certificate names or token owners) that may read every client's status."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the model runs; auto takes CUDA when present."""
+    metrics_listen: str = ""
+    """HOST:PORT of a Prometheus /metrics endpoint (plain HTTP, no authentication); empty
+    serves none, port 0 picks a free one. It names clients and their pool sizes, so it must
+    be a loopback address unless metrics_allow_remote is set."""
+    metrics_allow_remote: bool = False
+    """Allow metrics_listen on an address other than loopback (behind a firewall that admits
+    only the Prometheus scraper)."""
+    device: DeviceName = "auto"
+    """Where the model runs: auto takes the first GPU when one is usable and the CPU otherwise
+    (with a warning), cpu, cuda (the first GPU) or cuda:N (GPU N); cuda and cuda:N refuse to
+    start without that GPU."""
     threads: int = Field(default=0, ge=0)
     """torch CPU threads; 0 keeps torch's default."""
     schedule: ScheduleConfig = ScheduleConfig()
@@ -248,6 +293,11 @@ class ServerConfig(_Frozen):
                 f"insecure (plaintext) serving is for loopback only, and {self.listen} is not "
                 "loopback: use TLS, or also set allow_insecure_remote on a private test network"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _metrics(self) -> ServerConfig:
+        check_metrics_listen(self.metrics_listen, self.metrics_allow_remote)
         return self
 
 
@@ -361,6 +411,11 @@ class ClientConfig(_Frozen):
     """File holding this client's token, for servers that require one; keep it private."""
     state_dir: Path = Path("collafuse-client")
     """Where the secret, ledger, checkpoints and status live."""
+    init_from: Path | None = None
+    """A client model folder from `collafuse export` to start local training from while
+    state_dir holds no checkpoint. It must match the server's schedule, this image shape and
+    model, and this client's t_cut; a mismatch is refused before anything is uploaded. Once the
+    client has a checkpoint of its own, that wins and the folder is ignored (the log says so)."""
     cut_ratio: float = Field(default=0.3, gt=0, lt=1)
     """Share c of the chain run on the client: t_cut = round(c * T)."""
     max_release_snr: float = Field(default=1.0, gt=0)
@@ -389,6 +444,17 @@ class ClientConfig(_Frozen):
     """Seconds between status checks while idle."""
     max_backoff_s: float = Field(default=10.0, gt=0)
     """Longest wait between reconnect attempts."""
+    metrics_listen: str = ""
+    """HOST:PORT of a Prometheus /metrics endpoint of the daemon (plain HTTP, no
+    authentication); empty serves none, port 0 picks a free one. Loopback only unless
+    metrics_allow_remote is set."""
+    metrics_allow_remote: bool = False
+    """Allow metrics_listen on an address other than loopback."""
+
+    @model_validator(mode="after")
+    def _metrics(self) -> ClientConfig:
+        check_metrics_listen(self.metrics_listen, self.metrics_allow_remote)
+        return self
 
 
 def is_loopback(address: str) -> bool:
@@ -402,38 +468,204 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def check_metrics_listen(listen: str, allow_remote: bool) -> None:
+    """Refuse a metrics address that is not HOST:PORT, or not loopback without the opt-in."""
+    if not listen:
+        return
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics_listen {listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+    if not allow_remote and not is_loopback(listen):
+        # Plain HTTP without authentication, naming every client: an outsider must not read it.
+        raise ValueError(
+            f"metrics_listen {listen} is not loopback: the endpoint is unauthenticated HTTP; "
+            "set metrics_allow_remote as well where a firewall admits only the scraper"
+        )
+
+
 M = TypeVar("M", bound=BaseModel)
 
+# Environment variables that configure `collafuse server` and `collafuse client`. The prefix
+# names the program because both configs have fields of the same name (insecure, tls_cert,
+# train.batch_size, ...) and one shell often starts both (the demo does); nested fields are
+# joined by a double underscore because field names hold single ones:
+# COLLAFUSE_SERVER_TRAIN__BATCH_SIZE=32, COLLAFUSE_CLIENT_SERVER=10.0.0.5:50051.
+ENV_PREFIXES: dict[type[BaseModel], str] = {
+    ServerConfig: "COLLAFUSE_SERVER_",
+    ClientConfig: "COLLAFUSE_CLIENT_",
+}
+ENV_NESTING = "__"
 
-def _parse_value(text: str) -> Any:
-    """Read an override value as TOML, falling back to a bare string."""
+# The layers, lowest first; each overrides the ones before it.
+Source = Literal["default", "file", "env", "flag"]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a config value came from: the layer, and the file, variable or flag that set it."""
+
+    source: Source
+    detail: str = ""
+
+    def describe(self) -> str:
+        """In words, for error messages."""
+        words = {
+            "default": "the default",
+            "file": "file",
+            "env": "environment variable",
+            "flag": "the command line",
+        }[self.source]
+        return f"{words} {self.detail}".strip()
+
+
+DEFAULT = Origin("default")
+
+
+@dataclass(frozen=True)
+class LoadedConfig(Generic[M]):
+    """A validated config and, for every field a layer above the defaults set, its origin."""
+
+    config: M
+    origins: dict[str, Origin]
+    """Keyed by dotted field path (train.batch_size); a field not listed holds its default."""
+
+    def origin(self, path: str) -> Origin:
+        """Where the field at a dotted path came from."""
+        parts = path.split(".")
+        for n in range(len(parts), 0, -1):
+            found = self.origins.get(".".join(parts[:n]))
+            if found is not None:
+                return found
+        return DEFAULT
+
+
+def _field_type(model: type[BaseModel], parts: list[str], what: str) -> Any:
+    """The annotation of the field at `parts`; a ConfigError naming `what` if there is none."""
+    node: Any = model
+    for i, part in enumerate(parts):
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return Any  # inside a value that is not a config table: pydantic judges it
+        field = node.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"{what}: {model.__name__} has no field {'.'.join(parts[: i + 1])!r}")
+        node = field.annotation
+    return node
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field admits, None excluded (X | None gives [X])."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return [a for a in args if a is not type(None)]
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds text: a string, a path or a choice of words."""
+
+    def text(a: Any) -> bool:
+        if get_origin(a) is Literal:
+            return all(isinstance(v, str) for v in get_args(a))
+        return a is str or (isinstance(a, type) and issubclass(a, PurePath))
+
+    members = _members(annotation)
+    return bool(members) and all(text(a) for a in members)
+
+
+def _parse_value(text: str, annotation: Any = Any) -> Any:
+    """Read a value from a flag or the environment for a field of the given type.
+
+    Text fields take the text as it is unless it is quoted, so `client_id=123` stays a string;
+    other fields read it as a TOML value (numbers, booleans, arrays such as [32, 64]), falling
+    back to the text, which pydantic then converts to the field's type or refuses. An empty
+    value unsets a field that may be unset.
+    """
+    if not text and type(None) in get_args(annotation):
+        return None
+    if _is_text(annotation) and not text.startswith(("'", '"')):
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested dict (values parsed as TOML)."""
-    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        parts = key.strip().split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[parts[-1]] = _parse_value(value.strip())
+def _leaves(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _put(
+    data: dict[str, Any], parts: list[str], value: Any, origins: dict[str, Origin], origin: Origin
+) -> dict[str, Any]:
+    """data with value at parts (copied along the path), and the origin of what it replaced."""
+    out = dict(data)
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+    dotted = ".".join(parts)
+    for key in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
+        del origins[key]
+    for leaf in _leaves(value) if isinstance(value, dict) else [()]:
+        origins[".".join((*parts, *leaf))] = origin
     return out
 
 
-def load_config(model: type[M], path: Path | None = None, overrides: list[str] | None = None) -> M:
-    """Load a config model from an optional TOML file plus `key=value` overrides."""
+def env_settings(model: type[BaseModel], env: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+    """The variables of `env` that set fields of `model`, with the field path each names."""
+    prefix = ENV_PREFIXES.get(model)
+    if prefix is None:
+        return []
+    out = []
+    for name in sorted(env):
+        if not name.startswith(prefix):
+            continue
+        parts = [p.lower() for p in name[len(prefix) :].split(ENV_NESTING)]
+        if not all(parts):
+            raise ConfigError(
+                f"environment variable {name}: expected {prefix}FIELD or "
+                f"{prefix}SECTION{ENV_NESTING}FIELD"
+            )
+        out.append((name, parts))
+    return out
+
+
+def _explain(exc: ValidationError, origins: dict[str, Origin]) -> str:
+    """One line per problem, naming the layer (file, variable, flag) that set the bad value."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        origin = None
+        for n in range(len(loc), 0, -1):
+            origin = origins.get(".".join(loc[:n]))
+            if origin is not None:
+                break
+        line = f"  {'.'.join(loc) or 'config'}: {err['msg']}"
+        if origin is not None:
+            line += f" (got {err['input']!r} from {origin.describe()})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def load_config_layers(
+    model: type[M],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig[M]:
+    """Load a config with the origin of every value: defaults < TOML file < env < flags.
+
+    `overrides` are `key.path=value` flags (`--set`, and the dedicated flags after them);
+    `env` is the process environment for `collafuse server` and `collafuse client` (variables
+    named by ENV_PREFIXES), None for callers that configure from files and flags alone.
+    """
     data: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -441,12 +673,92 @@ def load_config(model: type[M], path: Path | None = None, overrides: list[str] |
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    data = apply_overrides(data, overrides or [])
+        origins = {".".join(leaf): Origin("file", str(path)) for leaf in _leaves(data)}
+    environ = env or {}
+    for name, parts in env_settings(model, environ):
+        annotation = _field_type(model, parts, f"environment variable {name}")
+        value = _parse_value(environ[name].strip(), annotation)
+        data = _put(data, parts, value, origins, Origin("env", name))
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        parts = key.strip().split(".")
+        annotation = _field_type(model, parts, f"override {item!r}")
+        data = _put(
+            data, parts, _parse_value(text.strip(), annotation), origins, Origin("flag", item)
+        )
     try:
-        return model.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{exc}") from None
+        raise ConfigError(f"invalid configuration{where}:\n{_explain(exc, origins)}") from None
+    return LoadedConfig(config, origins)
+
+
+def load_config(
+    model: type[M],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> M:
+    """Load a config model from an optional TOML file, the environment and `key=value` flags."""
+    return load_config_layers(model, path, overrides, env).config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (str, PurePath)):
+        return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def config_toml(loaded: LoadedConfig[Any]) -> str:
+    """The effective config as TOML, every field filled, each line commented with its origin.
+
+    Reading the output back gives the same config; unset fields appear as comments.
+    """
+    name = type(loaded.config).__name__
+    prefix = ENV_PREFIXES.get(type(loaded.config), "")
+    lines = [
+        f"# effective {name}; each value's origin, where later layers win: "
+        "default < file < env < flag",
+    ]
+    if prefix:
+        lines.append(f"# env: {prefix}FIELD, {prefix}SECTION{ENV_NESTING}FIELD")
+    lines.append("")
+
+    def table(obj: BaseModel, path: tuple[str, ...]) -> None:
+        rows: list[tuple[str, str]] = []
+        subtables = []
+        for field in type(obj).model_fields:
+            value = getattr(obj, field)
+            if isinstance(value, BaseModel):
+                subtables.append((field, value))
+                continue
+            origin = loaded.origin(".".join((*path, field)))
+            note = f"# {origin.source}" + (f" {origin.detail}" if origin.detail else "")
+            if value is None:
+                rows.append((f"# {field} = (unset)", note))
+            else:
+                rows.append((f"{field} = {_toml_value(value)}", note))
+        width = max((len(r[0]) for r in rows), default=0)
+        lines.extend(f"{text.ljust(width)}  {note}" for text, note in rows)
+        for field, value in subtables:
+            lines.extend(["", f"[{'.'.join((*path, field))}]"])
+            table(value, (*path, field))
+
+    table(loaded.config, ())
+    return "\n".join(lines) + "\n"
 
 
 def config_record(config: BaseModel) -> dict[str, Any]:

@@ -20,11 +20,14 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from collafuse.common.config import DataConfig, ImageConfig
+from collafuse.common.config import ConfigError, DataConfig, ImageConfig
 
 
-class DataError(ValueError):
-    """Data that cannot be loaded or split as configured; the message says what to do."""
+class DataError(ConfigError):
+    """Data that cannot be loaded or split as configured; the message says what to do.
+
+    A ConfigError: the data set and its path are the user's to fix, so the CLI exits 2.
+    """
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,14 @@ def load_fashion_mnist(
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 handwritten digits: images (N, 8, 8) uint8 in 0..255, labels (N,)."""
-    from sklearn.datasets import load_digits
+    # Imported here: scikit-learn comes with the `experiments` extra, not the client's install.
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError:
+        raise DataError(
+            "data source 'digits' needs scikit-learn: pip install 'collafuse[experiments]' "
+            "(or scikit-learn alone)"
+        ) from None
 
     bunch = load_digits()
     images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0))

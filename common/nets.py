@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from typing import cast
 
 import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from collafuse.common.config import ImageConfig, UNetConfig
+from collafuse.common.config import (
+    DEVICE_CHOICES,
+    ConfigError,
+    ImageConfig,
+    UNetConfig,
+    check_device,
+)
+
+log = logging.getLogger("collafuse.device")
 
 
 def build_unet(
@@ -71,10 +82,79 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             be.copy_(bm)
 
 
+class DeviceError(ConfigError):
+    """The configured device is not usable on this machine; the message says what to change."""
+
+
+def _no_gpu_reason() -> str | None:
+    """Why torch sees no usable GPU, in words a person can act on; None when it sees one."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f"this PyTorch build ({torch.__version__}) has no CUDA support"
+    # torch explains a failed CUDA initialisation (no driver, a driver too old for this build)
+    # only in a warning, once per process: catch it to put it in our message.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return None
+    runtime = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+    reason = f"PyTorch {torch.__version__} (built for {runtime}) sees no GPU"
+    details = [str(w.message).strip() for w in caught if "CUDA" in str(w.message)]
+    if details:
+        reason += f": {details[0]}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        reason += f" (CUDA_VISIBLE_DEVICES={visible!r})"
+    return reason
+
+
+def _describe_gpu(index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    return f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+
+
 def pick_device(choice: str) -> torch.device:
-    """auto takes CUDA when present, CPU otherwise."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The torch device for a config's `device` (auto, cpu, cuda or cuda:N), logged loudly.
+
+    auto takes GPU 0 when one is usable and otherwise the CPU with a warning, since a server
+    that silently trains on the CPU of a GPU machine is a mistake that costs hours. cuda and
+    cuda:N raise DeviceError when that GPU is not usable, naming why.
+    """
+    try:
+        choice = check_device(choice)
+    except ValueError as exc:
+        raise DeviceError(f"{exc}, not {choice!r}") from None
+    if choice == "cpu":
+        log.info("device cpu (as configured)")
+        return torch.device("cpu")
+    reason = _no_gpu_reason()
+    if choice == "auto":
+        if reason is not None:
+            log.warning(
+                "device auto: no usable GPU (%s); running on the CPU, which trains and samples "
+                'far more slowly. Set device = "cpu" to make this the plan, or "cuda" to refuse '
+                "to start without a GPU",
+                reason,
+            )
+            return torch.device("cpu")
+        index = 0
+    else:
+        if reason is not None:
+            raise DeviceError(
+                f"device {choice!r} is not usable: {reason}. Install a CUDA build of PyTorch "
+                "for this machine's driver (README, Install) and check that nvidia-smi lists "
+                'the GPU, or set device = "auto" or "cpu" (--device cpu)'
+            )
+        index = int(choice.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = "1 GPU, cuda:0" if count == 1 else f"{count} GPUs, cuda:0 to cuda:{count - 1}"
+            raise DeviceError(
+                f"device {choice!r} is not usable: this machine shows {gpus}"
+                + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+                + f"; choose one of them, or another device ({DEVICE_CHOICES})"
+            )
+    # Code that names only "cuda" (autocast, synchronize, memory statistics) then means this GPU.
+    torch.cuda.set_device(index)
+    log.info("device %s -> cuda:%d (%s)", choice, index, _describe_gpu(index))
+    return torch.device("cuda", index)

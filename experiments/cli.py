@@ -14,6 +14,20 @@ from collafuse.common.config import ConfigError, load_config
 from collafuse.experiments.config import ExperimentConfig
 
 log = logging.getLogger("collafuse.experiments")
+# What the `experiments` extra installs. Every `collafuse` command builds this module's parser,
+# so these are imported only inside the commands that need them: a client or server install
+# has none of them.
+EXTRA_MODULES = frozenset({"sklearn", "matplotlib", "torchmetrics"})
+
+
+def require_extra(exc: ModuleNotFoundError) -> None:
+    """Turn a missing `experiments` dependency into a ConfigError that says what to install."""
+    missing = (exc.name or "").partition(".")[0]
+    if missing in EXTRA_MODULES:
+        raise ConfigError(
+            f"this command needs the experiments extra ({missing} is not installed): "
+            "pip install 'collafuse[experiments]', or '.[experiments]' from a checkout"
+        ) from None
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +74,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--reps", type=int, help="alternated repetitions per figure (default 3)")
     b.set_defaults(func=run_bench_command)
 
+    from collafuse.experiments.multihost import add_multihost_command
+
+    add_multihost_command(sub)
+
 
 def describe_machine() -> str:
     """A short description of where the study runs."""
@@ -70,8 +88,12 @@ def describe_machine() -> str:
 
 def run_experiment(args: argparse.Namespace) -> int:
     """Run every arm not yet done, then write the report."""
-    from collafuse.experiments.report import write_report
-    from collafuse.experiments.runner import Study
+    try:
+        from collafuse.experiments.report import write_report
+        from collafuse.experiments.runner import Study
+    except ModuleNotFoundError as exc:
+        require_extra(exc)
+        raise
 
     config = load_config(ExperimentConfig, args.config, args.set)
     inception = None
@@ -95,7 +117,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from collafuse.common.nets import pick_device
-    from collafuse.experiments.bench import default_settings, run_bench
+
+    try:
+        from collafuse.experiments.bench import default_settings, run_bench
+    except ModuleNotFoundError as exc:
+        require_extra(exc)
+        raise
 
     settings = default_settings(pick_device(args.device), args.quick, args.model)
     if args.reps is not None:

@@ -22,14 +22,18 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from collafuse.common.checkpoint import checkpoint_files
 from collafuse.common.config import ServerConfig, is_loopback
 from collafuse.common.diffusion import Diffusion
+from collafuse.common.export import server_target, warm_start_state
 from collafuse.common.files import InsecureFileError, private_dir, read_private_bytes
 from collafuse.common.limits import server_options
 from collafuse.common.nets import pick_device
+from collafuse.common.obs import MetricsEndpoint, serve_metrics
 from collafuse.server.audit import AuditLog, ReceiptSigner
 from collafuse.server.auth import Authenticator
 from collafuse.server.interceptor import Gate
+from collafuse.server.metrics import server_registry
 from collafuse.server.pool import DiskFullError, Pool, PoolCorruptError
 from collafuse.server.sampler import BatchingSampler
 from collafuse.server.service import CollaFuseService
@@ -84,6 +88,8 @@ class RunningServer:
     gate: Gate
     audit: AuditLog
     _loop: _LoopThread
+    metrics: MetricsEndpoint | None = None
+    """The /metrics listener (config.metrics_listen), or None."""
 
     @property
     def address(self) -> str:
@@ -93,6 +99,8 @@ class RunningServer:
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving within `grace` seconds, then stop the trainer (final checkpoint)."""
+        if self.metrics is not None:
+            self.metrics.stop()  # first: a scrape must not read a pool being closed
         try:
             self._loop.run(self._stop_serving(grace), timeout=grace + 10)
         except Exception:  # a stuck stream must not keep the checkpoint from being written
@@ -174,6 +182,37 @@ def _authenticator(config: ServerConfig) -> Authenticator:
         raise StartupError(str(exc)) from None
 
 
+def _warm_start(config: ServerConfig, trainer: Trainer, diffusion: Diffusion) -> None:
+    """Load config.init_from into the model and EMA when the server has no checkpoint yet.
+
+    Runs before the sampler is built, so the first weights it serves are the folder's.
+    """
+    folder = config.init_from
+    if folder is None:
+        return
+    if trainer.step or checkpoint_files(trainer.checkpoint_path):
+        log.info(
+            "init_from %s ignored: the server resumes from its own checkpoint %s (step %d)",
+            folder,
+            trainer.checkpoint_path,
+            trainer.step,
+        )
+        return
+    state, manifest = warm_start_state(folder, server_target(config, diffusion.hash))
+    trainer.model.load_state_dict(state)
+    trainer.ema.load_state_dict(state)
+    # The rollback point after a non-finite step must be these weights, not the random ones.
+    trainer._remember_good()
+    trainer.hub.publish(trainer.ema.state_dict(), trainer.step)
+    log.info(
+        "starting from %s: the server model of step %d exported from %s (sha256 %s)",
+        folder,
+        manifest.source.step,
+        manifest.source.path,
+        manifest.source.sha256[:16],
+    )
+
+
 def start_server(
     config: ServerConfig,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
@@ -204,6 +243,11 @@ def start_server(
     except ValueError as exc:
         pool.close()
         raise StartupError(str(exc)) from None
+    try:
+        _warm_start(config, trainer, diffusion)
+    except ValueError as exc:  # WarmStartError: the folder does not fit this configuration
+        pool.close()
+        raise StartupError(str(exc)) from None
     sampler = BatchingSampler(
         diffusion,
         trainer.hub,
@@ -225,7 +269,17 @@ def start_server(
     audit = AuditLog(data_dir / "audit.log")
     receipts = ReceiptSigner(data_dir / "receipt.key")
     service = CollaFuseService(config, diffusion, pool, trainer, sampler, device, receipts)
-    gate = Gate(auth, config.limits, audit, service.counters)
+    metrics: MetricsEndpoint | None = None
+    rpc_metrics = None
+    if config.metrics_listen:
+        registry, rpc_metrics = server_registry(service)
+        try:
+            metrics = serve_metrics(config.metrics_listen, registry)
+        except OSError as exc:
+            pool.close()
+            audit.close()
+            raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc}") from None
+    gate = Gate(auth, config.limits, audit, service.counters, rpc_metrics)
     loop = _LoopThread()
 
     async def build() -> tuple[grpc.aio.Server, HealthServicer, int]:
@@ -250,6 +304,8 @@ def start_server(
     try:
         server, health, port = loop.run(build(), timeout=60)
     except Exception as exc:
+        if metrics is not None:
+            metrics.stop()
         loop.close()
         pool.close()
         audit.close()
@@ -259,8 +315,12 @@ def start_server(
     running = RunningServer(
         config, port, server, service, trainer, sampler, pool, health, auth, gate, audit, loop
     )
+    running.metrics = metrics
     # The chosen port, for scripts that started us on port 0.
     info = {"address": running.address, "port": port, "pid": os.getpid()}
+    if metrics is not None:
+        info["metrics_port"] = metrics.port
+        log.info("metrics on %s", metrics.url)
     tmp = data_dir / "server.json.tmp"
     tmp.write_text(json.dumps(info))
     tmp.replace(data_dir / "server.json")

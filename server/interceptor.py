@@ -26,6 +26,7 @@ from collafuse.server.auth import Authenticator, Identity
 from collafuse.server.policy import PolicyError, Refusal
 
 if TYPE_CHECKING:
+    from collafuse.server.metrics import RpcMetrics
     from collafuse.server.service import Counters
 
 log = logging.getLogger("collafuse.server.gate")
@@ -103,6 +104,7 @@ class Gate(grpc.aio.ServerInterceptor):
         limits: LimitsConfig,
         audit: AuditLog | None,
         counters: Counters | None = None,
+        metrics: RpcMetrics | None = None,
     ) -> None:
         self.auth = auth
         self.limits = limits
@@ -112,6 +114,8 @@ class Gate(grpc.aio.ServerInterceptor):
         self.refused = 0
         """Calls refused before a handler ran (no identity)."""
         self.counters = counters
+        self.metrics = metrics
+        """Counts and times every call by method and outcome (the /metrics endpoint)."""
 
     async def intercept_service(
         self,
@@ -184,6 +188,8 @@ class Gate(grpc.aio.ServerInterceptor):
             self._streams[key] = self._streams.get(key, 0) + 1
         call = CallInfo(identity, rpc)
         token = _CALL.set(call)
+        if self.metrics is not None:
+            self.metrics.started(rpc)
         verdict = "OK"
         try:
             yield call
@@ -203,13 +209,17 @@ class Gate(grpc.aio.ServerInterceptor):
                 self._streams[key] -= 1
                 if not self._streams[key]:
                     del self._streams[key]
+            if self.metrics is not None:
+                self.metrics.ended(rpc)
             self._record(who, rpc, verdict, started, **call.counts)
 
     def _record(self, who: str, rpc: str, verdict: str, started: float, **fields: Any) -> None:
+        """Every outcome of a call passes here once: the audit line and the call metrics."""
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.finished(rpc, verdict, seconds)
         if self.audit is not None:
-            self.audit.append(
-                who, rpc, verdict, ms=round(1000 * (time.monotonic() - started)), **fields
-            )
+            self.audit.append(who, rpc, verdict, ms=round(1000 * seconds), **fields)
 
     async def _next(self, it: AsyncIterator[Any], ctx: Any) -> Any:
         """The next request message within the idle limit; StopAsyncIteration at the end."""

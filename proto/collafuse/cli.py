@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from collafuse import __version__
@@ -16,7 +17,8 @@ from collafuse import __version__
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     from collafuse.client import cli as client_cli
-    from collafuse.common import pki_cli
+    from collafuse.common import config_cli, export_cli, pki_cli
+    from collafuse.common.obs import LOG_FORMAT_ENV, LOG_FORMATS
     from collafuse.experiments import cli as experiment_cli
     from collafuse.server import cli as server_cli
     from collafuse.server import pool_cli
@@ -24,12 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collafuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"collafuse {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help=f"text lines, or one JSON object per line (default: ${LOG_FORMAT_ENV}, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     server_cli.add_commands(sub)
     client_cli.add_commands(sub)
     experiment_cli.add_commands(sub)
     pki_cli.add_commands(sub)
     pool_cli.add_commands(sub)
+    config_cli.add_commands(sub)
+    export_cli.add_commands(sub)
     return parser
 
 
@@ -38,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     from collafuse.common.config import ConfigError
+    from collafuse.common.obs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
     from collafuse.server.app import StartupError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "text"
+    if log_format not in LOG_FORMATS:
+        print(
+            f"collafuse: environment variable {LOG_FORMAT_ENV}={log_format!r} is not one of "
+            f"{', '.join(LOG_FORMATS)}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO, log_format)
     try:
         code: int = args.func(args)
     except (ConfigError, StartupError) as exc:
