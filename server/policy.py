@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from enum import Enum
 from statistics import NormalDist
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,9 +91,18 @@ def measure_noise_std(images: Tensor) -> Tensor:
     """
     dx = (images[..., :, 1:] - images[..., :, :-1]).flatten(1)
     dy = (images[..., 1:, :] - images[..., :-1, :]).flatten(1)
-    d = torch.cat([dx, dy], dim=1)
-    mad = (d - d.median(dim=1, keepdim=True).values).abs().median(dim=1).values
-    return mad / _MAD_TO_STD / math.sqrt(2.0)
+    d = torch.cat([dx, dy], dim=1).to(torch.float32).numpy()
+    mad = _lower_median(np.abs(d - _lower_median(d)[:, None]))
+    return torch.from_numpy(mad).to(images.dtype) / _MAD_TO_STD / math.sqrt(2.0)
+
+
+def _lower_median(rows: np.ndarray) -> np.ndarray:
+    """Per row, the lower of the two middle values (torch.median's convention).
+
+    A selection (np.partition) instead of torch.median's sort halves the guard's largest cost.
+    """
+    k = (rows.shape[1] - 1) // 2
+    return np.partition(rows, k, axis=1)[:, k]
 
 
 def guard_ratio(tolerance: float, shape: tuple[int, int, int]) -> float:
