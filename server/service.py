@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from collafuse.common.config import ServerConfig
 from collafuse.common.diffusion import Diffusion
@@ -228,9 +229,20 @@ class CollaFuseService:
         )
 
 
+UPLOAD_COMMIT_BYTES = 16 << 20
+"""An UploadCuts stream commits its checked images once this many bytes wait, and at its end:
+one fsync per 16 messages instead of one each. The stream is answered only after its last
+commit, so nothing it acknowledges can be lost, and at most this much waits in memory."""
+
+
 @dataclass
 class UploadStream:
-    """One UploadCuts stream: every message is checked and durable before the next is read."""
+    """One upload stream: every message is checked as it arrives, and stored in group commits.
+
+    UploadCuts answers once, at the end, so its messages are committed together (every
+    UPLOAD_COMMIT_BYTES and before the answer); Upload acknowledges each message, so each is
+    committed before its acknowledgement.
+    """
 
     service: CollaFuseService
     caller: Identity
@@ -241,9 +253,13 @@ class UploadStream:
     acknowledged: list[str] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
     pool_size: int | None = None  # the client's pool after the last message that stored images
+    # Checked images not yet committed: (ids, cuts) per message, and their bytes.
+    _waiting: list[tuple[list[str], Tensor]] = field(default_factory=list)
+    _waiting_bytes: int = 0
 
-    def add(self, batch: CutBatch) -> None:
-        """Check and store one message's cut images."""
+    def add(self, batch: CutBatch, commit: bool = False) -> None:
+        """Check one message's cut images and queue them; commit now when `commit` or when
+        UPLOAD_COMMIT_BYTES wait."""
         svc = self.service
         if self.client_id and batch.client_id != self.client_id:
             raise PolicyError(Refusal.INVALID_ARGUMENT, "one upload stream carries one client")
@@ -268,7 +284,8 @@ class UploadStream:
         self.pool_size = None
         if not keep:
             return
-        held = svc.pool.count(self.client_id)
+        waiting = sum(len(ids) for ids, _ in self._waiting)
+        held = svc.pool.count(self.client_id) + waiting
         quota = svc.config.policy.max_images_per_client
         if held + len(keep) > quota:
             raise PolicyError(
@@ -276,12 +293,28 @@ class UploadStream:
                 f"client {self.client_id} holds {held} images; {len(keep)} more exceed the quota "
                 f"of {quota} (policy.max_images_per_client)",
             )
-        ids = [batch.image_ids[i] for i in keep]
+        cuts = batch.cuts[keep]
+        self._waiting.append(([batch.image_ids[i] for i in keep], cuts))
+        self._waiting_bytes += cuts.numel() * cuts.element_size()
+        if commit or self._waiting_bytes >= UPLOAD_COMMIT_BYTES:
+            self.commit(held - waiting)
+
+    def commit(self, held: int | None = None) -> None:
+        """Store every waiting image in one transaction; `held`: the pool's count before."""
+        if not self._waiting or self.record is None:
+            return
+        svc = self.service
+        ids = [i for part, _ in self._waiting for i in part]
+        cuts = torch.cat([c for _, c in self._waiting])
+        if held is None:
+            held = svc.pool.count(self.client_id)
         try:
-            a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, batch.cuts[keep])
+            a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, cuts)
         except DiskFullError as exc:
-            # Nothing of this message was stored; every message acknowledged before is kept.
+            # Nothing of these messages was stored; every message acknowledged before is kept.
             raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
+        self._waiting.clear()
+        self._waiting_bytes = 0
         self.accepted += a
         self.duplicate += d
         self.acknowledged += ids
@@ -290,7 +323,7 @@ class UploadStream:
     def acknowledge(self, index: int, batch: CutBatch) -> UploadAck:
         """Store one message (as `add`) and answer for it alone, with a receipt."""
         before = (self.accepted, self.duplicate, len(self.rejections), len(self.acknowledged))
-        self.add(batch)
+        self.add(batch, commit=True)
         stored = self.acknowledged[before[3] :]
         rejections = self.rejections[before[2] :]
         svc = self.service
@@ -308,7 +341,8 @@ class UploadStream:
         )
 
     def finish(self) -> UploadResult:
-        """The answer to the stream, with a receipt for every image it acknowledged."""
+        """Commit what waits, then the answer, with a receipt for every image it acknowledged."""
+        self.commit()
         svc = self.service
         svc.counters.accepted += self.accepted
         svc.counters.rejected += len(self.rejections)

@@ -72,7 +72,7 @@ class CollaFuseServicer(pb_grpc.CollaFuseServicer):
         try:
             async for msg in request_iterator:
                 batch = serde.cut_batch_from_proto(msg)
-                # Durable before the next message is read: bounded memory, nothing lost.
+                # Checked now, committed in groups: durable before the answer, memory bounded.
                 await asyncio.to_thread(upload.add, batch)
             result = await asyncio.to_thread(upload.finish)
         except Exception as exc:
