@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,8 @@ from collafuse.common.checkpoint import load_checkpoint, save_atomic
 from collafuse.common.config import ClientConfig, ScheduleConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
 from collafuse.common.export import client_target, warm_start_state
-from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, ema_update
+from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters
+from collafuse.common.training import TrainLoop
 
 log = logging.getLogger("collafuse.client.trainer")
 
@@ -44,11 +43,18 @@ class LocalTrainer:
         self.t_cut = t_cut
         self.t_floor = t_floor
         self.checkpoint_path = checkpoint_path
-        self.model = build_unet(config.model, config.image, num_class_embeds)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
-        self.step = 0
-        self.last_loss = math.nan
+        # AdamW's usual weight decay (0.01): the client config has no field for it.
+        self.loop = TrainLoop(
+            build_unet(config.model, config.image, num_class_embeds),
+            lr=config.train.lr,
+            weight_decay=0.01,
+            ema_decay=config.train.ema_decay,
+            seed=config.train.seed,
+            device=torch.device("cpu"),
+        )
+        self.model = self.loop.model
+        self.ema = self.loop.ema
+        self.optimizer = self.loop.optimizer
         self.seconds = 0.0
         self.num_parameters = count_parameters(self.model)
         self.timesteps = TimestepSampler(self.diffusion.num_timesteps)
@@ -84,11 +90,7 @@ class LocalTrainer:
                 f"client checkpoint {self.checkpoint_path} was trained for t_cut={state['t_cut']} "
                 f"on another schedule or cut; remove it to retrain for t_cut={self.t_cut}"
             )
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.last_loss = float(state["last_loss"])
+        self.loop.load(state)
         self.seconds = float(state.get("seconds", 0.0))
         log.info("resumed local model at step %d", self.step)
 
@@ -96,11 +98,7 @@ class LocalTrainer:
         """Atomic checkpoint with the schedule, the cut and the config."""
         save_atomic(
             {
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "last_loss": self.last_loss,
+                **self.loop.state(),
                 "seconds": self.seconds,
                 "t_cut": self.t_cut,
                 "schedule": self.schedule.model_dump(mode="json"),
@@ -110,10 +108,29 @@ class LocalTrainer:
             self.checkpoint_path,
         )
 
+    @property
+    def step(self) -> int:
+        """Training steps taken (skipped ones included)."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        # Studies set it to draw distinct batches in each round of a federated run.
+        self.loop.step = value
+
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last step that was not skipped."""
+        return self.loop.last_loss
+
     def train_step(self, images: Tensor, labels: Tensor | None = None) -> float:
-        """One AdamW step of the eps loss on a random batch, t uniform in (t_floor, t_cut]."""
+        """One AdamW step of the eps loss on a random batch, t uniform in (t_floor, t_cut].
+
+        A batch with a non-finite loss or gradient leaves the weights as they were (the shared
+        loop skips it) and returns that non-finite loss.
+        """
         cfg = self.config.train
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        gen = self.loop.generator()
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         x0 = images[idx]  # (B, C, H, W)
         floor = torch.full((len(idx),), self.t_floor, dtype=torch.long)
@@ -122,14 +139,7 @@ class LocalTrainer:
         self.model.train()
         cond = None if labels is None else labels[idx]
         out = self.diffusion.eps_loss(UNetDenoiser(self.model, cond), x0, t, noise)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        ema_update(self.ema, self.model, cfg.ema_decay)
-        self.step += 1
-        self.last_loss = float(out.loss.detach())
-        return self.last_loss
+        return float(self.loop.update(out.loss))
 
     def train(
         self,

@@ -58,7 +58,7 @@ from collafuse.common.diffusion import Diffusion
 from collafuse.common.limits import channel_options, server_options
 from collafuse.common.metrics import count_flops
 from collafuse.common.nets import build_unet, ema_update
-from collafuse.server.trainer import make_optimizer
+from collafuse.common.training import make_optimizer
 
 Say = Callable[[str], None]
 

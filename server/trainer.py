@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from collafuse.common.checkpoint import (
 from collafuse.common.config import ServerConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
 from collafuse.common.files import private_dir
-from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters, ema_update
+from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters
+from collafuse.common.training import TrainLoop, load_optimizer
 from collafuse.server.pool import Pool
 
 log = logging.getLogger("collafuse.server.trainer")
@@ -67,23 +67,6 @@ def all_finite(obj: object) -> bool:
 
 CHECK_EVERY_ON_ACCELERATOR = 16
 """Steps between the trainer's checks of its weights on a GPU: each check waits for the device."""
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as the trainer runs it: fused, so a step can be dropped on the device (found_inf)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load optimizer state, keeping the fused implementation.
-
-    A state dict carries its param groups' options, and a checkpoint written before the trainer
-    used the fused AdamW would switch it back to one that cannot skip a step on the device.
-    """
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"] = True
-        group["foreach"] = None
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -192,18 +175,21 @@ class Trainer:
         self.pool = pool
         self.device = device
         self.checkpoint_path = checkpoint_path
-        self.model = build_server_unet(config).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
-        self.step = 0
-        # Kept on the device and read only when asked for: a read every step would stall a GPU.
-        self._last_loss = torch.tensor(math.nan, device=device)
-        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self.loop = TrainLoop(
+            build_server_unet(config),
+            lr=config.train.lr,
+            weight_decay=config.train.weight_decay,
+            ema_decay=config.train.ema_decay,
+            seed=config.train.seed,
+            device=device,
+        )
+        self.model = self.loop.model
+        self.ema = self.loop.ema
+        self.optimizer = self.loop.optimizer
         self._nonfinite_host = 0
         self._nonfinite_seen = 0
         self.check_every = 1 if device.type == "cpu" else CHECK_EVERY_ON_ACCELERATOR
         """Steps between finiteness checks of the weights (each check reads them back)."""
-        self._generator = torch.Generator(device)
         self.num_parameters = count_parameters(self.model)
         self.timesteps = TimestepSampler(diffusion.num_timesteps)
         self.trained_since: dict[int, int] = {}
@@ -270,11 +256,7 @@ class Trainer:
             )
         if schedule_hash != self.diffusion.hash:
             raise ValueError(f"checkpoint {path} was made with another schedule")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        load_optimizer(self.optimizer, state["optimizer"])
-        self.step = int(state["step"])
-        self.last_loss = float(state.get("last_loss", math.nan))
+        self.loop.load(state)
         self.trained_since = {int(k): int(v) for k, v in state.get("trained_since", {}).items()}
         recorded = history.get("step") if history is not None else None
         if history is None:
@@ -478,32 +460,35 @@ class Trainer:
     # ----- training --------------------------------------------------------------------------
 
     @property
+    def step(self) -> int:
+        """Training steps taken (skipped ones included); the model version it publishes."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    @property
     def last_loss(self) -> float:
         """The loss of the last step that was not skipped (NaN before the first)."""
-        return float(self._last_loss)
-
-    @last_loss.setter
-    def last_loss(self, value: float) -> None:
-        self._last_loss = torch.tensor(value, device=self.device)
+        return self.loop.last_loss
 
     @property
     def nonfinite_steps(self) -> int:
         """Steps skipped for a non-finite loss or gradient norm, plus steps whose weights came
         out non-finite and were rolled back; GetStatus reports it."""
-        return self._nonfinite_host + int(self._nonfinite)
+        return self._nonfinite_host + self.loop.skipped
 
     def train_step(self) -> Tensor:
-        """One AdamW step of the bridge loss on a random batch of the pool; returns the loss.
+        """One step of the bridge loss on a random batch of the pool; returns the loss.
 
-        Nothing here reads a device value back to the host, so a GPU never waits for the
-        Python thread: the loss comes back as a 0-d tensor, a step with a non-finite loss or
-        gradient norm is dropped on the device (the fused optimizer's found_inf; the EMA still
-        takes its step, towards unchanged weights), and the weights are checked for
+        The batch is drawn on the device and the update is the shared loop's (common/training.py),
+        so nothing here reads a device value back to the host: the loss comes back as a 0-d
+        tensor, a non-finite step is dropped on the device, and the weights are checked for
         non-finite values every `check_every` steps, rolled back to the last good copy if any.
         """
         cfg = self.config.train
-        # Seeded per step so a resumed run draws what an uninterrupted one would.
-        gen = self._generator.manual_seed(cfg.seed * 1_000_003 + self.step)
+        gen = self.loop.generator()
         dev = self.device
         B = cfg.batch_size
         idx = torch.randint(0, self._size, (B,), generator=gen, device=dev)  # with replacement
@@ -514,33 +499,18 @@ class Trainer:
         labels = torch.where(drop, unconditional_label(self.config), self._labels[idx])
         noise = torch.randn(x_c.shape, generator=gen, device=dev)
         self.model.train()
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-        )
-        with autocast:
+        with self.loop.autocast():
             out = self.diffusion.bridge_loss(
                 UNetDenoiser(self.model, labels), x_c, c, t, noise, gamma=cfg.loss_gamma
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = out.loss.float()
-        loss.backward()
-        # Clipping bounds finite gradients; a non-finite loss or norm would turn every weight
-        # to NaN in one AdamW step, so the optimizer skips the update when `bad` is set.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
-        self.optimizer.step()
-        ema_update(self.ema, self.model, cfg.ema_decay)
-        self._nonfinite += bad
-        self._last_loss = torch.where(bad, self._last_loss, loss.detach())
-        self.step += 1
+        loss = self.loop.update(out.loss)
         if self.step % self.check_every == 0:
             self._check()
-        return loss.detach()
+        return loss
 
     def _check(self) -> None:
         """Read back the skip count and the weights' finiteness; roll back if needed."""
-        skipped = int(self._nonfinite)
+        skipped = self.loop.skipped
         if skipped > self._nonfinite_seen:
             log.warning(
                 "step %d: %d step(s) skipped for a non-finite loss or gradient (a poisoned cut "
