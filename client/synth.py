@@ -15,7 +15,8 @@ from collafuse.client.daemon import state_paths
 from collafuse.client.remote import Remote
 from collafuse.client.trainer import load_client_model
 from collafuse.common.config import ClientConfig, ScheduleConfig
-from collafuse.common.diffusion import Diffusion, SamplerKind
+from collafuse.common.data import load_local_data
+from collafuse.common.diffusion import Denoiser, Diffusion, SamplerKind
 from collafuse.common.domain import SynthesisChunk, SynthesisRequest
 from collafuse.common.images import save_grid, save_pngs
 from collafuse.common.nets import UNetDenoiser
@@ -25,6 +26,14 @@ log = logging.getLogger("collafuse.client.synth")
 
 # The server is restarting, unreachable or did not answer in time: wait and resume.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+GAMMA_IMAGES = 64
+"""Local images the analytic sampler's Gamma_t estimate runs over, at every timestep of the
+client's chain: one model call of this many per timestep, once per finish_chain, about what
+synthesising 64 images costs. The draw is seeded by a constant, so the estimate depends on the
+model and the images only, not on the request's seed."""
+
+_GAMMA_SEED = 0x6A77A
 
 
 class SynthesisError(RuntimeError):
@@ -125,6 +134,8 @@ def synthesize(
     schedule = ScheduleConfig.model_validate(state["schedule"])
     diffusion = Diffusion.from_config(schedule)
     t_cut = int(state["t_cut"])
+    # The analytic sampler estimates its variance from this client's own images (they stay here).
+    images = load_local_data(config.data, config.image).images if kind == "analytic" else None
     req = SynthesisRequest(
         client_id=config.client_id,
         n=n,
@@ -139,8 +150,8 @@ def synthesize(
     server_seconds = time.perf_counter() - started
     started = time.perf_counter()
     steps = s.client_steps if client_steps is None else client_steps
-    images = finish_chain(diffusion, model, x_cut, t_cut, steps, kind, s.eta, seed)
-    return SynthesisResult(images, t_cut, version, server_seconds, time.perf_counter() - started)
+    out = finish_chain(diffusion, model, x_cut, t_cut, steps, kind, s.eta, seed, images=images)
+    return SynthesisResult(out, t_cut, version, server_seconds, time.perf_counter() - started)
 
 
 def fetch_cut_samples(
@@ -194,13 +205,46 @@ def finish_chain(
     kind: SamplerKind,
     eta: float,
     seed: int,
+    images: Tensor | None = None,
 ) -> Tensor:
-    """The client's half of the chain: from x_{t_cut} down to an image with its own model."""
+    """The client's half of the chain: from x_{t_cut} down to an image with its own model.
+
+    The analytic sampler needs this client's images (N, C, H, W) in [-1, 1], to estimate
+    Gamma_t at the chain's timesteps (local_gamma).
+    """
     steps = diffusion.timesteps(t_cut, 0, num_steps)
+    denoiser = UNetDenoiser(model)
+    gamma = None
+    if kind == "analytic":
+        if images is None or images.shape[0] == 0:
+            raise ValueError(
+                "the analytic sampler estimates its variance from this client's images; "
+                "none were given"
+            )
+        gamma = local_gamma(diffusion, denoiser, images.to(x_cut.device), steps[:-1])
     # The client's noise comes from its own seed stream, independent of the server's.
     gen = torch.Generator().manual_seed(seed + 0x5EED)
     with torch.inference_mode():
-        return diffusion.sample_loop(UNetDenoiser(model), x_cut, steps, kind, eta, gen)
+        return diffusion.sample_loop(denoiser, x_cut, steps, kind, eta, gen, gamma=gamma)
+
+
+def local_gamma(
+    diffusion: Diffusion, model: Denoiser, images: Tensor, timesteps: list[int]
+) -> Tensor:
+    """Gamma_t at each timestep from GAMMA_IMAGES of the images, noised to t by q_sample.
+
+    Every timestep of the client's chain is at most t_cut, where its model was trained, so the
+    exact forward process gives the samples of q(x_t). Returns (K,) float64.
+    """
+    gen = torch.Generator().manual_seed(_GAMMA_SEED)
+    pick = torch.randperm(images.shape[0], generator=gen)[:GAMMA_IMAGES]
+    x0 = images[pick]  # (n, C, H, W)
+
+    def draw(t: int) -> Tensor:
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        return diffusion.q_sample(x0, torch.full((x0.shape[0],), t, device=x0.device), noise)
+
+    return diffusion.estimate_gamma(model, timesteps, draw)
 
 
 def write_images(result: SynthesisResult, out_dir: Path) -> Path:

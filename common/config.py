@@ -28,7 +28,7 @@ CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 # The samplers of the reverse chain, one registry: the diffusion math implements each, and the
 # wire enum (SAMPLER_<NAME>), the config fields and the CLI choices follow from this list.
-SamplerKind = Literal["ddpm", "ddim"]
+SamplerKind = Literal["ddpm", "ddim", "analytic"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerKind)
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"

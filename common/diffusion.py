@@ -236,16 +236,24 @@ class Diffusion:
         eta: float = 0.0,
         noise: Tensor | None = None,
         clip: bool = True,
+        gamma: Tensor | None = None,
     ) -> StepOutput:
         """One reverse step from t to s < t per sample, given the model's eps_hat at (x_t, t).
 
-        The caller runs the network (batched however it likes); s = 0 returns the x_0 estimate.
+        The caller runs the network (batched however it likes); s = 0 returns the x_0 estimate
+        (analytic: a draw around it).
         ddpm: ancestral, x_s ~ q(x_s | x_t, x0_hat) (the DDPM posterior for any stride).
         ddim: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
         sigma = eta * sqrt(var) (Song et al. 2021).
+        analytic: ddpm's mean with Analytic-DPM's optimal isotropic variance (Bao et al. 2022),
+        var + a^2 x0_posterior_var(t, gamma); `gamma` (B,) holds Gamma_t = E||eps_hat||^2 / d
+        per sample (estimate_gamma). With clip, x_0 is known to lie in [-1, 1], so the added
+        variance is at most a^2 (their bound) and a final x_0 is clamped like x0_hat.
         """
         if kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
+        if kind == "analytic" and (gamma is None or gamma.shape != t.shape):
+            raise ValueError("the analytic sampler needs gamma, Gamma_t of shape (B,) like t")
         br = self.bridge(s, t, x_t)
         x0_hat = self.x0_from_eps(x_t, t, eps_hat)
         if clip:
@@ -264,9 +272,73 @@ class Diffusion:
             prev = ab_s.sqrt() * x0_hat + dir_coef * eps_hat
             if noise is not None and eta != 0.0:
                 prev = prev + sigma * noise
+        elif kind == "analytic":
+            assert noise is not None and gamma is not None
+            extra = self.x0_posterior_var(t, gamma)
+            if clip:
+                extra = extra.clamp(max=1.0)  # Var[x_0 | x_t] <= ((1 - (-1)) / 2)^2 per pixel
+            var = br.var + br.a**2 * self._coef(extra, x_t)
+            prev = br.a * x0_hat + br.b * x_t + var.sqrt() * noise
+            if clip:
+                # Only a step to s = 0 ends on an image; the others stay noisy states.
+                final = (s == 0).reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.device)
+                prev = torch.where(final, prev.clamp(-1.0, 1.0), prev)
         else:
-            raise ValueError(f"unknown sampler {kind!r}; use 'ddpm' or 'ddim'")
+            raise ValueError(f"sampler {kind!r} is registered but has no step")
         return StepOutput(prev, x0_hat)
+
+    def x0_posterior_var(self, t: Tensor, gamma: Tensor) -> Tensor:
+        """The mean Var[x_0 | x_t] per pixel implied by Gamma_t: (1 - abar_t)/abar_t (1 - Gamma_t).
+
+        Var[x_0 | x_t] = (1 - abar_t)/abar_t Var[eps | x_t], whose mean over pixels and x_t is
+        E||eps||^2 / d - E||E[eps | x_t]||^2 / d = 1 - Gamma_t. Gamma_t is clamped to [0, 1]
+        (an estimate may stray outside), so the result lies in [0, (1 - abar_t)/abar_t].
+        Shape (B,) like t, in abar's dtype on t's device.
+        """
+        ab = self._abar_at(t)
+        return (1 - ab) / ab * (1 - gamma.to(ab.dtype).clamp(0.0, 1.0))
+
+    def estimate_gamma(
+        self,
+        model: Denoiser,
+        timesteps: Sequence[int],
+        draw: Callable[[int], Tensor],
+        max_batch: int = 0,
+    ) -> Tensor:
+        """Gamma_t = E||eps_hat(x_t, t)||^2 / d at each timestep: a Monte Carlo mean.
+
+        draw(t) returns samples x_t (n, C, H, W) of the data's marginal q(x_t), the samples the
+        mean runs over; a model call takes whole timesteps, up to max_batch rows (0: one
+        timestep a call). Returns (K,) in float64 (float32 on mps) on the samples' device,
+        unclamped; nothing is read back to the host.
+        """
+        if not timesteps:
+            raise ValueError("need at least one timestep")
+        self._check_range(torch.tensor(list(timesteps)), 1)
+        means: list[Tensor] = []
+        pending: list[tuple[Tensor, Tensor]] = []  # (x_t, t) of the timesteps of the next call
+
+        def run() -> None:
+            x = torch.cat([p[0] for p in pending])
+            t = torch.cat([p[1] for p in pending])
+            with torch.inference_mode():
+                eps = model(x, t)
+            dtype = torch.float32 if eps.device.type == "mps" else torch.float64
+            per = eps.to(dtype).pow(2).flatten(1).mean(1)  # (N,) ||eps_hat||^2 / d per sample
+            for part in per.split([p[0].shape[0] for p in pending]):
+                means.append(part.mean())
+            pending.clear()
+
+        rows = 0
+        for t_now in timesteps:
+            x = draw(t_now)
+            if pending and rows + x.shape[0] > max_batch:
+                run()
+                rows = 0
+            pending.append((x, torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)))
+            rows += x.shape[0]
+        run()
+        return torch.stack(means)
 
     def timesteps(self, start: int, stop: int, num_steps: int = 0) -> list[int]:
         """Descending timesteps from `start` to `stop`, both included, in `num_steps` hops.
@@ -292,10 +364,17 @@ class Diffusion:
         generator: torch.Generator | None = None,
         clip: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        gamma: Tensor | None = None,
     ) -> Tensor:
-        """Run the reverse chain from x_start at timesteps[0] through each listed timestep."""
+        """Run the reverse chain from x_start at timesteps[0] through each listed timestep.
+
+        The analytic sampler takes gamma (K,), Gamma_t at the first K = len(timesteps) - 1
+        timesteps (estimate_gamma), on x_start's device.
+        """
         if len(timesteps) < 2:
             raise ValueError("need at least two timesteps (a start and a stop)")
+        if gamma is not None and gamma.shape != (len(timesteps) - 1,):
+            raise ValueError(f"gamma needs one value per step ({len(timesteps) - 1})")
         x = x_start
         B = x.shape[0]
         total = len(timesteps) - 1
@@ -304,7 +383,10 @@ class Diffusion:
             s = torch.full((B,), t_next, dtype=torch.long, device=x.device)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             eps_hat = model(x, t)
-            x = self.step(eps_hat, x, t, s, kind=kind, eta=eta, noise=z, clip=clip).prev_sample
+            g = None if gamma is None else gamma[i].expand(B)
+            x = self.step(
+                eps_hat, x, t, s, kind=kind, eta=eta, noise=z, clip=clip, gamma=g
+            ).prev_sample
             if progress is not None:
                 progress(i + 1, total)
         return x

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from torch import Tensor
 
-from collafuse.common.config import ScheduleConfig
+from collafuse.common.config import SamplerKind, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class SynthesisRequest:
     client_id: str
     n: int
     seed: int
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: SamplerKind = "ddpm"
     num_steps: int = 0
     eta: float = 0.0
     mixture: bool = False

@@ -298,7 +298,9 @@ def synthesis_request_from_proto(msg: pb.SynthesizeRequest) -> SynthesisRequest:
     names = {v: k for k, v in _SAMPLERS.items()}
     sampler = names.get(msg.sampler, "ddpm" if msg.sampler == pb.SAMPLER_UNSPECIFIED else None)
     if sampler is None:
-        raise WireError(f"unknown sampler {msg.sampler}; use DDPM or DDIM")
+        raise WireError(
+            f"unknown sampler {msg.sampler}; use one of {', '.join(n.upper() for n in SAMPLERS)}"
+        )
     return SynthesisRequest(
         client_id=msg.client_id,
         n=int(msg.n),

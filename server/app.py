@@ -258,6 +258,7 @@ def start_server(
         interactive_batch=config.sampler.interactive_batch,
         precision=config.sampler.precision,
         compile=config.sampler.compile,
+        gamma_samples=trainer.gamma_samples,  # the analytic sampler's Gamma_t, from the pool
     )
     if config.sampler.compile:
         log.info("compiling the synthesis network before serving (sampler.compile = true)")

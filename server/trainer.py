@@ -92,6 +92,17 @@ class GoodState:
     optimizer: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class GammaDraw:
+    """Samples of q(x_t) from the pool, for Analytic-DPM's Gamma_t (server/sampler.py)."""
+
+    x_t: Tensor
+    """(n, C, H, W) on the trainer's device."""
+    ok: Tensor
+    """0-d bool on the device: False when no cut image of the label had c < t, and x_t means
+    nothing (kept on the device so that drawing never waits for it)."""
+
+
 class ModelHub:
     """The weights that serve synthesis, swapped in by the trainer under a lock.
 
@@ -456,6 +467,34 @@ class Trainer:
             if since is None or self.step <= since:
                 return None
             return since + 1, self.step
+
+    def gamma_samples(self, t: int, n: int, label: int, seed: int) -> GammaDraw | None:
+        """n draws of q(x_t) from the pool: cut images re-noised from their c to t, exactly.
+
+        label is a client index (that client's cut images, its conditional) or the
+        unconditional label (every client's). Only cuts with c < t can be re-noised to t.
+        Rows are drawn with replacement by a generator seeded with `seed`, without reading
+        anything back from the device. None when the pool is empty.
+        """
+        gen = torch.Generator(self.device).manual_seed(seed)
+        with self._data_lock:
+            if self._size == 0:
+                return None
+            eligible = self._t_cut < t
+            if label != unconditional_label(self.config):
+                eligible &= self._labels == label
+            # Inverse-CDF draw over the eligible rows: sync-free, unlike nonzero or multinomial.
+            cdf = eligible.to(torch.float64 if self.device.type != "mps" else torch.float32)
+            cdf = cdf.cumsum(0)
+            u = torch.rand(n, generator=gen, device=self.device, dtype=cdf.dtype) * cdf[-1]
+            idx = torch.searchsorted(cdf, u, right=True).clamp(max=self._size - 1)
+            x_c, c = self._cuts[idx], self._t_cut[idx]
+        ok = cdf[-1] > 0
+        # Without an eligible row the draw is flagged, and c is kept below t so renoise accepts it.
+        c = c.clamp(max=t - 1)
+        noise = torch.randn(x_c.shape, generator=gen, device=self.device)
+        x_t = self.diffusion.renoise(x_c, c, torch.full_like(c, t), noise)
+        return GammaDraw(x_t, ok)
 
     # ----- training --------------------------------------------------------------------------
 

@@ -22,7 +22,10 @@ for 10 strided steps). The tests therefore check:
   x_{t_cut} has the marginal of q(x_{t_cut}) and the chain ends on mu;
 * Gaussian data: means against the true marginals, variances against the exact moments of the
   linear-Gaussian chain (propagated here in float64 from the betas, independently of the code
-  under test), and the size of the deficit against the true marginals where it is negligible.
+  under test), and the size of the deficit against the true marginals where it is negligible;
+* the `analytic` sampler, which adds the missing term back (a^2 Var[x_0 | x_t] through Gamma_t):
+  with the oracle's exact Gamma_t every state of a strided chain has the true marginal q(x_s),
+  while `ddpm` on the same stride and noise ends measurably under-dispersed.
 """
 
 from __future__ import annotations
@@ -110,11 +113,13 @@ def chain_moments(
     return m, v
 
 
-def draw_marginal(n: int, abar_t: float, mu: float, s0: float, seed: int) -> Tensor:
-    """n images (n, C, H, W) from the exact q(x_t) of the oracle's data, in float32."""
+def draw_marginal(
+    n: int, abar_t: float, mu: float, s0: float, seed: int, shape: tuple[int, ...] = IMAGE
+) -> Tensor:
+    """n images (n, *shape) from the exact q(x_t) of the oracle's data, in float32."""
     g = torch.Generator().manual_seed(seed)
     m, v = marginal(abar_t, mu, s0)
-    return (m + math.sqrt(v) * torch.randn((n, *IMAGE), generator=g, dtype=torch.float64)).float()
+    return (m + math.sqrt(v) * torch.randn((n, *shape), generator=g, dtype=torch.float64)).float()
 
 
 def assert_moments(x: Tensor, mean: float, var: float, what: str) -> None:
@@ -260,6 +265,164 @@ def test_split_equals_one_chain(kind: str, eta: float, steps: int) -> None:
     g = torch.Generator().manual_seed(8)
     whole = d.sample_loop(model, x_T, server + client[1:], kind, eta=eta, generator=g, clip=False)
     torch.testing.assert_close(split, whole, rtol=0, atol=0)
+
+
+# ----- Analytic-DPM: the optimal reverse variance --------------------------------------------
+
+T_ANALYTIC = 1000
+N_ANALYTIC = 20_000  # 1-pixel samples: Z se of a variance is 5% of it
+ANALYTIC_STEPS = 20  # hops per segment, strides of 35-50 timesteps
+PIXEL = (1, 1, 1)
+
+
+def oracle_gamma(abar_t: float, s0: float) -> float:
+    """Gamma_t = E[E[eps | x_t]^2] per pixel for x_0 ~ N(mu, s0^2): (1 - abar_t) / Var[x_t].
+
+    E[eps | x_t] = sqrt(1 - abar_t) (x_t - E[x_t]) / Var[x_t]; its second moment follows.
+    """
+    return (1 - abar_t) / (abar_t * s0**2 + 1 - abar_t)
+
+
+def oracle_states(
+    d: Diffusion,
+    model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    timesteps: Sequence[int],
+    kind: str,
+    seed: int,
+) -> list[Tensor]:
+    """Every state of the chain through `timesteps` (x first), the exact Gamma_t for analytic."""
+    abar = alpha_bars(d)
+    g = torch.Generator().manual_seed(seed)
+    B = x.shape[0]
+    states = [x]
+    for t_now, t_next in zip(timesteps[:-1], timesteps[1:], strict=True):
+        t, s = torch.full((B,), t_now), torch.full((B,), t_next)
+        z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        gamma = None
+        if kind == "analytic":
+            gamma = torch.full((B,), oracle_gamma(abar[t_now], S0), dtype=torch.float64)
+        x = d.step(model(x, t), x, t, s, kind, noise=z, clip=False, gamma=gamma).prev_sample
+        states.append(x)
+    return states
+
+
+@pytest.mark.parametrize(("start", "stop"), [(1000, 0), (1000, 300), (300, 0)])
+def test_analytic_variance_makes_a_strided_oracle_chain_exact(start: int, stop: int) -> None:
+    """With the exact Gamma_t every state of a 20-hop chain has the marginal of q itself.
+
+    For Gaussian data Var[x_0 | x_t] does not depend on x_t, so the analytic step is the true
+    reverse transition q(x_s | x_t) and the chain is exact from an exact start, the final
+    step to 0 included (it adds Var[x_0 | x_1]). ddpm, on the same stride and the same noise,
+    follows its own exact moments and ends under-dispersed (0.57 and 0.80 of s0^2 here).
+    """
+    d = make_diffusion(T_ANALYTIC)
+    abar = alpha_bars(d)
+    model = gaussian_oracle(abar, MU, S0)
+    ts = d.timesteps(start, stop, ANALYTIC_STEPS)
+    x = draw_marginal(N_ANALYTIC, abar[start], MU, S0, seed=30, shape=PIXEL)
+    analytic = oracle_states(d, model, x, ts, "analytic", seed=31)
+    for t, state in zip(ts, analytic, strict=True):
+        assert_moments(state, *marginal(abar[t], MU, S0), what=f"analytic x_{t}")
+    # sample_loop takes Gamma per step and runs the same chain.
+    gamma = torch.tensor([oracle_gamma(abar[t], S0) for t in ts[:-1]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(31)
+    looped = d.sample_loop(model, x, ts, "analytic", generator=g, clip=False, gamma=gamma)
+    torch.testing.assert_close(looped, analytic[-1], rtol=0, atol=0)
+
+    ddpm = oracle_states(d, model, x, ts, "ddpm", seed=31)[-1]
+    exact = chain_moments(abar, MU, S0, marginal(abar[start], MU, S0), ts, "ddpm")
+    assert_moments(ddpm, *exact, what=f"ddpm x_{stop}")
+    if stop == 0:
+        # Measurably short of s0^2, by far more than the tolerance the analytic chain met.
+        n = ddpm.numel()
+        assert float(ddpm.double().var()) < S0**2 * (1 - Z * math.sqrt(2 / (n - 1)))
+        assert exact[1] / S0**2 < 0.85
+
+
+def test_estimate_gamma_matches_the_oracle() -> None:
+    """The Monte Carlo mean of eps_hat^2 over draws of q(x_t) is Gamma_t within its error.
+
+    eps_hat = E[eps | x_t] is Gaussian with variance Gamma_t, so eps_hat^2 / Gamma_t is
+    chi-square(1): the mean over n scalars has standard error Gamma_t sqrt(2 / n).
+    """
+    d = make_diffusion(T_ANALYTIC)
+    abar = alpha_bars(d)
+    model = gaussian_oracle(abar, MU, S0)
+    ts = [1000, 700, 300, 40, 1]
+    n = 256  # images of 64 pixels
+    drawn: list[int] = []
+
+    def draw(t: int) -> Tensor:
+        drawn.append(t)
+        return draw_marginal(n, abar[t], MU, S0, seed=32 + t)
+
+    one_a_call = d.estimate_gamma(model, ts, draw)
+    assert drawn == ts and one_a_call.shape == (len(ts),) and one_a_call.dtype == torch.float64
+    for t, got in zip(ts, one_a_call.tolist(), strict=True):
+        want = oracle_gamma(abar[t], S0)
+        assert abs(got - want) <= Z * want * math.sqrt(2 / (n * 64)), (t, got, want)
+    # Batching timesteps into fewer model calls changes nothing.
+    calls: list[int] = []
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:
+        calls.append(x.shape[0])
+        return model(x, t)
+
+    batched = d.estimate_gamma(counted, ts, draw, max_batch=2 * n)
+    assert calls == [2 * n, 2 * n, n]
+    torch.testing.assert_close(batched, one_a_call, rtol=1e-12, atol=0)
+
+
+def test_analytic_step_formula_and_bounds() -> None:
+    """x_s = a x0_hat + b x_t + sqrt(var + a^2 (1 - abar_t)/abar_t (1 - Gamma_t)) z, from abar.
+
+    Gamma_t is clamped to [0, 1] (Gamma 1 is ddpm, bit for bit); with clip the added variance is
+    at most a^2 (x_0 in [-1, 1]) and a final x_0 lies in [-1, 1].
+    """
+    d = make_diffusion(100)
+    abar = alpha_bars(d)
+    g = torch.Generator().manual_seed(33)
+    t = torch.tensor([100, 60, 60, 20, 5, 1])
+    s = torch.tensor([90, 30, 0, 0, 4, 0])
+    x_t = torch.randn((6, *IMAGE), generator=g, dtype=torch.float64)
+    eps = torch.randn(x_t.shape, generator=g, dtype=torch.float64)
+    z = torch.randn(x_t.shape, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([0.2, 0.9, 0.5, 0.99, 0.0, 1.0], dtype=torch.float64)
+    out = d.step(eps, x_t, t, s, "analytic", noise=z, clip=False, gamma=gamma)
+    ab_t = torch.from_numpy(abar[t.numpy()]).reshape(-1, 1, 1, 1)
+    ab_s = torch.from_numpy(abar[s.numpy()]).reshape(-1, 1, 1, 1)
+    x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    beta = 1 - ab_t / ab_s
+    a = ab_s.sqrt() * beta / (1 - ab_t)
+    b = (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t)
+    var = (1 - ab_s) * beta / (1 - ab_t)
+    extra = a**2 * (1 - ab_t) / ab_t * (1 - gamma.reshape(-1, 1, 1, 1))
+    want = a * x0 + b * x_t + (var + extra).sqrt() * z
+    torch.testing.assert_close(out.prev_sample, want, rtol=1e-10, atol=1e-10)
+
+    def step(gam: float, clip: bool = False, **kw: Tensor) -> Tensor:
+        args = {"x_t": x_t, "t": t, "s": s, **kw}
+        gammas = torch.full((6,), gam, dtype=torch.float64)
+        return d.step(eps, kind="analytic", noise=z, clip=clip, gamma=gammas, **args).prev_sample
+
+    ddpm = d.step(eps, x_t, t, s, "ddpm", noise=z, clip=False).prev_sample
+    assert torch.equal(step(1.0), ddpm) and torch.equal(step(1.7), ddpm)
+    assert torch.equal(step(-0.3), step(0.0))
+    # Unclipped, a step to 0 from t = 60 with Gamma 0 adds (1 - abar_60)/abar_60 > 1 ...
+    assert (1 - abar[60]) / abar[60] > 1
+    wide = (step(0.0) - x0) / z
+    torch.testing.assert_close(
+        wide[2], torch.full_like(wide[2], math.sqrt((1 - abar[60]) / abar[60]))
+    )
+    # ... and with clip at most a^2 = 1, then the image is clamped to [-1, 1].
+    x0_clipped = d.step(eps, x_t, t, s, "ddpm", noise=z, clip=True).x0_hat
+    torch.testing.assert_close(step(0.0, clip=True)[2], (x0_clipped[2] + z[2]).clamp(-1, 1))
+    assert float(step(0.0, clip=True)[[2, 3, 5]].abs().max()) <= 1.0
+    with pytest.raises(ValueError, match="gamma"):
+        d.step(eps, x_t, t, s, "analytic", noise=z)
+    with pytest.raises(ValueError, match="gamma"):
+        d.step(eps, x_t, t, s, "analytic", noise=z, gamma=gamma[:3])
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLER_UNSPECIFIED: _ClassVar[Sampler]
     SAMPLER_DDPM: _ClassVar[Sampler]
     SAMPLER_DDIM: _ClassVar[Sampler]
+    SAMPLER_ANALYTIC: _ClassVar[Sampler]
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_DDPM: Sampler
 SAMPLER_DDIM: Sampler
+SAMPLER_ANALYTIC: Sampler
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
