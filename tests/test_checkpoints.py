@@ -302,3 +302,29 @@ def test_stop_is_prompt_while_waiting_to_restart(
     assert time.monotonic() - started < 2 and trainer.restarts == 0
     assert trainer.state == "stopped"
     assert load_checkpoint(tmp_path / "checkpoints" / "server.pt")["step"] == 1  # type: ignore[index]
+
+
+def test_a_background_checkpoint_is_the_state_at_its_step_while_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    trainer = make_trainer(tmp_path)
+    feed(trainer)
+    for _ in range(3):
+        trainer.train_step()
+    at_save = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.save(background=True)
+    # The host copy is the rollback point at once, before the write ends.
+    assert trainer._good is not None and trainer._good.step == 3
+    for _ in range(2):  # training goes on beside the writer
+        trainer.train_step()
+    trainer.wait_for_checkpoint()
+    state = load_checkpoint(tmp_path / "checkpoints" / "server.pt")
+    assert state is not None and state["step"] == 3
+    assert all(torch.equal(state["model"][k], at_save[k]) for k in at_save)
+    assert not torch.equal(trainer.model.state_dict()["conv_in.weight"], at_save["conv_in.weight"])
+    assert '"step": 3' in (tmp_path / "checkpoints" / "history.json").read_text()
+    # A second save waits for the first write: the files stay in step order.
+    assert trainer.save(background=True) and trainer.save()
+    assert load_checkpoint(tmp_path / "checkpoints" / "server.pt")["step"] == 5  # type: ignore[index]
+    resumed = make_trainer(tmp_path)
+    assert resumed.step == 5
