@@ -626,6 +626,30 @@ class LoadProcess:
         self.conn.close()
 
 
+def _trainer_main(conn: Connection, config_json: str, threads: int) -> None:
+    """A server trainer in a process of its own (P3's GIL figure): steps when told, timed."""
+    if threads:
+        torch.set_num_threads(threads)
+    from collafuse.server.trainer import Trainer
+
+    config = ServerConfig.model_validate_json(config_json)
+    device = torch.device(conn.recv())
+    cuts, t_cut, labels, steps = conn.recv()
+    with tempfile.TemporaryDirectory() as tmp:
+        diffusion = Diffusion.from_config(config.schedule)
+        trainer = Trainer(config, diffusion, None, device, Path(tmp) / "server.pt")
+        trainer.add_cuts(cuts, torch.full((cuts.shape[0],), t_cut), labels)
+
+        def run() -> None:
+            for _ in range(steps):
+                trainer.train_step()
+
+        run()  # warm-up
+        conn.send("ready")
+        while conn.recv() == "go":
+            conn.send(_timed(run, device))
+
+
 # ----- a trivial gRPC servicer: P5's baseline -------------------------------------------------
 
 RAW_METHOD = "/bench.Raw/Count"
@@ -959,7 +983,27 @@ class Bench:
         trainer_steps()  # warm-up both
         bare_steps()
         load_ids = self.ids[: s.load_clients] or ["bench-small"]
-        alone, bare, busy, served = [], [], [], []
+        # On CUDA, the same trainer in a process of its own, with its own interpreter lock. Not
+        # on a CPU: there the two processes' thread pools compete for the same cores (their
+        # waits spin), which swamps what the lock costs (the quick bench's tiny model ran 19x
+        # slower in a process of its own).
+        own = None
+        if device.type == "cuda":
+            ctx = multiprocessing.get_context("spawn")
+            conn, child = ctx.Pipe()
+            own = ctx.Process(
+                target=_trainer_main,
+                args=(child, self.config.model_dump_json(), self.config.threads),
+                name="bench-trainer",
+                daemon=True,
+            )
+            own.start()
+            child.close()
+            conn.send(str(device))
+            conn.send((cuts, self.t_cut, labels, s.train_steps))
+            if not conn.poll(600) or conn.recv() != "ready":
+                raise BenchError("the separate trainer process did not start")
+        alone, bare, busy, served, apart = [], [], [], [], []
         for r in range(s.reps):
             alone.append(_timed(trainer_steps, device))
             bare.append(_timed(bare_steps, device))
@@ -969,11 +1013,23 @@ class Bench:
             while server.sampler.forward_calls == before and time.monotonic() < deadline:
                 time.sleep(0.002)  # synthesis is under way
             busy.append(_timed(trainer_steps, device))
+            if own is not None:
+                conn.send("go")  # the same steps in the other process, the same load running
+                if not conn.poll(600):
+                    raise BenchError("the separate trainer process did not answer")
+                apart.append(conn.recv())
             served.append(self.load.call("loop_stop"))
             self.say(
                 f"P3 rep {r + 1}/{s.reps}: {s.train_steps} trainer steps {alone[-1]:.3f}s, bare "
-                f"{bare[-1]:.3f}s, under synthesis {busy[-1]:.3f}s ({served[-1]} requests)"
+                f"{bare[-1]:.3f}s, under synthesis {busy[-1]:.3f}s"
+                + (f" ({apart[-1]:.3f}s in a process of its own)" if apart else "")
+                + f" ({served[-1]} requests)"
             )
+        if own is not None:
+            conn.send("quit")
+            own.join(timeout=30)
+            if own.is_alive():
+                own.terminate()
         rate = s.train_steps / _median(alone)
         bare_rate = s.train_steps / _median(bare)
         busy_rate = s.train_steps / _median(busy)
@@ -1010,6 +1066,22 @@ class Bench:
                 "requests_served": served,
             },
             bound=0.9,
+        )
+        if not apart:
+            return
+        apart_rate = s.train_steps / _median(apart)
+        self.add(
+            "P3",
+            "under synthesis: trainer in the server's process/in its own",
+            busy_rate / apart_rate,
+            f"{busy_rate:.3g} vs {apart_rate:.3g} steps/s; 1 - this is what sharing the "
+            "interpreter lock with the sampler and gRPC costs the trainer",
+            {
+                **common,
+                "in_process_s": busy,
+                "own_process_s": apart,
+                "load_clients": len(load_ids),
+            },
         )
 
     def _bare_trainer(self, pool: Tensor, labels: Tensor) -> Callable[[], None]:
