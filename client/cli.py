@@ -11,8 +11,6 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-import torch
-
 from collafuse.common.config import SAMPLERS, ClientConfig, load_config
 
 log = logging.getLogger("collafuse.client")
@@ -82,6 +80,8 @@ def run_client(args: argparse.Namespace) -> int:
 
     config = _client_config(args)
     if config.threads:
+        import torch  # here, not at the top: parsing the command line needs no torch
+
         torch.set_num_threads(config.threads)
     os.umask(0o077)  # everything the daemon writes is private to its user
     stop = threading.Event()
@@ -117,6 +117,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
     config = _client_config(args)
     if config.threads:
+        import torch  # here, not at the top: parsing the command line needs no torch
+
         torch.set_num_threads(config.threads)
     result = synthesize(
         config,

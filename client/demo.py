@@ -19,13 +19,13 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from collafuse.client.ledger import Ledger
-from collafuse.client.remote import Remote, open_channel
 from collafuse.common import pki
 from collafuse.common.config import ClientConfig, ServerConfig, load_config
-from collafuse.common.domain import ServerStatus
+
+if TYPE_CHECKING:  # the wire and ledger modules bring torch, which `collafuse --help` needs not
+    from collafuse.common.domain import ServerStatus
 
 FASHION_CLASSES = [
     "T-shirt", "trouser", "pullover", "dress", "coat",
@@ -291,6 +291,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
             )
         admin = {} if tls is None else tls[ADMIN]
+        from collafuse.client.remote import Remote, open_channel
+
         remote = Remote(
             open_channel(
                 address,
@@ -388,6 +390,8 @@ def build_summary(
     for i, st in enumerate(states):
         cid = st["client_id"]
         cfg = tomllib.loads((out / "clients" / f"client-{i}.toml").read_text())
+        from collafuse.client.ledger import Ledger
+
         ledger = Ledger(out / "clients" / cid / "ledger.sqlite")
         summary = ledger.summary()
         ledger.close()

@@ -55,6 +55,10 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message says why."""
 
 
+class DeviceError(ConfigError):
+    """The configured device is not usable on this machine; the message says what to change."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 

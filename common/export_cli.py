@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from collafuse.common.export import MANIFEST, UNET_DIR, export_client, export_server
-
 EPILOG = """\
 The folder holds unet/ (UNet2DModel.save_pretrained, safetensors) and collafuse.json (schedule
 and its hash, role and timesteps, image shape, network, labels, source checkpoint with its step
@@ -47,6 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export, then say what was written."""
+    # Here, not at the top: the export module brings torch and diffusers, which parsing the
+    # command line does not need.
+    from collafuse.common.export import MANIFEST, UNET_DIR, export_client, export_server
+
     if args.server_checkpoint is not None:
         manifest = export_server(args.server_checkpoint, args.out, overwrite=args.overwrite)
     else:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from collafuse.common.config import (
     DEVICE_CHOICES,
-    ConfigError,
+    DeviceError,
     ImageConfig,
     UNetConfig,
     check_device,
@@ -80,10 +80,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
         for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
             be.copy_(bm)
-
-
-class DeviceError(ConfigError):
-    """The configured device is not usable on this machine; the message says what to change."""
 
 
 def _no_gpu_reason() -> str | None:

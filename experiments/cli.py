@@ -8,8 +8,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 from collafuse.common.config import ConfigError, load_config
 from collafuse.experiments.config import ExperimentConfig
 
@@ -81,6 +79,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def describe_machine() -> str:
     """A short description of where the study runs."""
+    import torch  # here, not at the top: every `collafuse` command builds this parser
+
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name(0)}"
     return f"CPU ({torch.get_num_threads()} torch threads, {platform.processor() or 'unknown'})"
@@ -102,6 +102,8 @@ def run_experiment(args: argparse.Namespace) -> int:
 
         inception = inception_feature_extractor(args.inception_weights)
     if config.threads:
+        import torch
+
         torch.set_num_threads(config.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

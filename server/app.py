@@ -32,6 +32,7 @@ from collafuse.common.nets import pick_device
 from collafuse.common.obs import MetricsEndpoint, serve_metrics
 from collafuse.server.audit import AuditLog, ReceiptSigner
 from collafuse.server.auth import Authenticator
+from collafuse.server.errors import StartupError
 from collafuse.server.interceptor import Gate
 from collafuse.server.metrics import server_registry
 from collafuse.server.pool import DiskFullError, Pool, PoolCorruptError
@@ -46,10 +47,6 @@ SERVICE_NAME = "collafuse.v1.CollaFuse"
 # Its own health entry: synthesis keeps serving while training is down, and says so here.
 TRAINER_HEALTH = "collafuse.v1.Trainer"
 T = TypeVar("T")
-
-
-class StartupError(RuntimeError):
-    """The server cannot start as configured; the message says what to change."""
 
 
 class _LoopThread:

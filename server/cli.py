@@ -13,9 +13,14 @@ from types import FrameType
 
 import grpc
 
-from collafuse.common.config import DEVICE_CHOICES, ConfigError, ServerConfig, load_config
-from collafuse.common.nets import DeviceError
-from collafuse.server.app import StartupError, start_server
+from collafuse.common.config import (
+    DEVICE_CHOICES,
+    ConfigError,
+    DeviceError,
+    ServerConfig,
+    load_config,
+)
+from collafuse.server.errors import StartupError
 
 log = logging.getLogger("collafuse.server")
 
@@ -135,6 +140,8 @@ def run_server(args: argparse.Namespace) -> int:
     config = server_config_from_args(args)
     os.umask(0o077)  # everything the server writes is private to its user
     try:
+        from collafuse.server.app import start_server  # torch and the model: not for --help
+
         running = start_server(
             config, start_over=args.start_over, pool_full_check=args.full_pool_check
         )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collafuse.common.config import ConfigError
-from collafuse.server.pool import PoolCheck, check_pool, salvage_command, salvage_pool
+
+if TYPE_CHECKING:
+    from collafuse.server.pool import PoolCheck
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +53,8 @@ def run_check(args: argparse.Namespace) -> int:
     path: Path = args.path
     if not path.is_file():
         raise ConfigError(f"no pool file at {path}")
+    from collafuse.server.pool import check_pool, salvage_command  # torch: not for --help
+
     check = check_pool(path, full=args.full)
     _report(check)
     if not check.ok:
@@ -65,6 +70,8 @@ def run_salvage(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"no pool file at {path}")
     try:
+        from collafuse.server.pool import salvage_pool
+
         report = salvage_pool(path, out)
     except (FileExistsError, ValueError) as exc:
         raise ConfigError(str(exc)) from None

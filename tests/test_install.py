@@ -74,6 +74,30 @@ def test_client_and_server_never_import_the_experiment_packages(tmp_path: Path) 
     assert loaded.isdisjoint(EXTRAS)
 
 
+def test_the_command_line_parses_without_torch(tmp_path: Path) -> None:
+    # Health probes and --help run often (Kubernetes probes every 30 s): parsing the command
+    # line and dispatching `server health` must not pay for torch and diffusers.
+    code = textwrap.dedent(
+        """
+        import contextlib, io, json, sys
+        from collafuse.cli import build_parser, main
+        build_parser()
+        for argv in (["--help"], ["server", "health", "--help"], ["client", "run", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    main(argv)
+                except SystemExit as exc:
+                    assert exc.code == 0, (argv, exc.code)
+        print(json.dumps(sorted({m.partition(".")[0] for m in sys.modules})))
+        """
+    )
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert "collafuse" in loaded
+    assert loaded.isdisjoint({"torch", "diffusers", "numpy", *EXTRAS}), loaded
+
+
 def test_without_the_extras_the_commands_that_need_them_say_what_to_install(
     tmp_path: Path,
 ) -> None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from collafuse.common.config import ConfigError
     from collafuse.common.obs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging
-    from collafuse.server.app import StartupError
+    from collafuse.server.errors import StartupError
 
     args = build_parser().parse_args(argv)
     log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "text"
