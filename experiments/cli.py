@@ -121,6 +121,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from collafuse.common.nets import pick_device
 
     try:
+        # P4's client daemon reads the digits data set, which scikit-learn provides: say so
+        # now, not after the minutes of P1 to P3.
+        import sklearn  # noqa: F401
+
         from collafuse.experiments.bench import default_settings, run_bench
     except ModuleNotFoundError as exc:
         require_extra(exc)
