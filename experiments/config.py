@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collafuse.common.config import UNetConfig
 
-ArmKind = Literal["local", "centralised", "fedavg", "collafuse", "heuristic"]
+ArmKind = Literal[
+    "local", "local-size", "local-flops", "centralised", "fedavg", "collafuse", "heuristic"
+]
 
 
 class _Frozen(BaseModel):
@@ -38,7 +40,8 @@ class StudyData(_Frozen):
     train_per_client: int = Field(default=500, ge=8)
     """Training images per client."""
     test_per_client: int = Field(default=200, ge=8)
-    """Held-out images per client: the reference for FID/KID and the distractors for re-id."""
+    """Held-out images per client: the reference for FID/KID, the distractors for re-id and the
+    non-members of the membership attack."""
 
 
 class StudyModels(_Frozen):
@@ -46,12 +49,23 @@ class StudyModels(_Frozen):
 
     server: UNetConfig = UNetConfig(block_out_channels=(16, 32, 32), attention_levels=())
     """The shared server denoiser (CollaFuse and heuristic arms)."""
-    client: UNetConfig = UNetConfig(
-        block_out_channels=(8, 16), attention_levels=(), norm_num_groups=4
-    )
-    """The small client denoiser (CollaFuse and heuristic arms)."""
+    clients: dict[str, UNetConfig] = {
+        "s": UNetConfig(block_out_channels=(8, 16), attention_levels=(), norm_num_groups=4)
+    }
+    """The client sizes the study sweeps, by a short name used in arm keys: every CollaFuse arm
+    and both equal-cost baselines run once per size. The heuristic ablation uses the first."""
     full: UNetConfig = UNetConfig(block_out_channels=(16, 32, 32), attention_levels=())
-    """The full-chain model of the local-only, centralised and FedAvg arms."""
+    """The full-chain model of the local-only, centralised and FedAvg arms, and of local-only at
+    the client's training FLOPs."""
+
+    @model_validator(mode="after")
+    def _named(self) -> StudyModels:
+        if not self.clients:
+            raise ValueError("models.clients needs at least one client size")
+        for name in self.clients:
+            if not name.isidentifier() or "-" in name:
+                raise ValueError(f"client size names must be short identifiers, not {name!r}")
+        return self
 
 
 class StudyTrain(_Frozen):
@@ -83,7 +97,15 @@ class StudyEval(_Frozen):
     """Sampling steps over the whole chain (0 = every timestep). Split arms give each side a
     share proportional to its part of the chain, so every arm has the same sampling budget."""
     kid_subset_size: int = Field(default=50, ge=2)
-    """Images per KID subset."""
+    """Images per KID subset of the optional Inception scores (classifier-feature KID uses every
+    image at once)."""
+    bootstrap: int = Field(default=200, ge=10)
+    """Bootstrap resamples behind every interval (FID, KID, attack figures)."""
+    level: float = Field(default=0.95, gt=0.5, lt=1)
+    """Coverage of the intervals."""
+    membership_timesteps: int = Field(default=8, ge=1, le=64)
+    """Timesteps per image of the loss-threshold membership attack: evenly spread over the
+    lowest 30% of the chain the attacked model owns."""
 
 
 class ExperimentConfig(_Frozen):
@@ -92,7 +114,12 @@ class ExperimentConfig(_Frozen):
     name: str = "study"
     """Name printed in the report."""
     seed: int = 0
-    """Seed of everything: the split, the clients' secrets, training and sampling."""
+    """Seed of the client split and the clients' secrets, shared by every arm and seed."""
+    seeds: tuple[int, ...] = Field(default=(0,), min_length=1)
+    """Training and sampling seeds: every arm runs with the first; the key arms with each."""
+    key_arms: tuple[str, ...] = ()
+    """Arms (keys without partition, as in `local`, `local-size-s`, `collafuse-0.5-s`) repeated
+    with every seed in `seeds`."""
     num_timesteps: int = Field(default=100, ge=21, le=4000)
     """T."""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -101,8 +128,18 @@ class ExperimentConfig(_Frozen):
     """Where models run."""
     threads: int = Field(default=0, ge=0)
     """torch CPU threads (0 keeps the default)."""
-    arms: tuple[ArmKind, ...] = ("local", "centralised", "fedavg", "collafuse", "heuristic")
-    """Which arms to run."""
+    arms: tuple[ArmKind, ...] = (
+        "local",
+        "local-size",
+        "local-flops",
+        "centralised",
+        "fedavg",
+        "collafuse",
+        "heuristic",
+    )
+    """Which arms to run. `local-size`: local-only with the client's network and training steps
+    (equal client FLOPs, same model); `local-flops`: local-only with the full-size network, given
+    the CollaFuse client's training FLOPs."""
     cut_ratios: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
     """Cut ratios of the CollaFuse arm."""
     heuristic_cut_ratios: tuple[float, ...] = (0.4,)
@@ -121,9 +158,37 @@ class ExperimentConfig(_Frozen):
         for c in (*self.cut_ratios, *self.heuristic_cut_ratios):
             if not 0 < c < 1:
                 raise ValueError(f"cut ratios must lie in (0, 1), got {c}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
         return self
 
     def digest(self) -> str:
-        """A hash of everything that changes results, to tell whether a saved arm still fits."""
-        text = json.dumps(self.model_dump(mode="json", exclude={"name", "threads"}), sort_keys=True)
+        """A hash of everything shared by all arms that changes results.
+
+        The lists of arms (kinds, cut ratios, client sizes, seeds, key arms) are left out, so
+        adding a cut or a client size does not redo the arms already finished; what one arm
+        depends on beyond this (its cut, size, seed) is in its key and `arm_digest`.
+        """
+        text = json.dumps(
+            self.model_dump(
+                mode="json",
+                exclude={
+                    "name": True,
+                    "threads": True,
+                    "arms": True,
+                    "cut_ratios": True,
+                    "heuristic_cut_ratios": True,
+                    "seeds": True,
+                    "key_arms": True,
+                    "models": {"clients"},
+                },
+            ),
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def arm_digest(self, key: str, client: str | None) -> str:
+        """The digest of one arm: the shared digest, its key and its client network, if any."""
+        size = self.models.clients[client].model_dump_json() if client is not None else ""
+        text = f"{self.digest()}|{key}|{size}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -67,23 +67,53 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
     results = data["results"]
     assert [r["key"] for r in results] == [a.key for a in arms]
     kinds = {r["arm"] for r in results}
-    assert kinds == {"local", "centralised", "fedavg", "collafuse", "heuristic"}
+    assert kinds == {
+        "local", "local-size", "local-flops", "centralised", "fedavg", "collafuse", "heuristic"
+    }  # fmt: skip
     for r in results:
         assert set(r["fid"]) == {"client-0", "client-1", "client-2"}
-        numbers = _numbers({k: r[k] for k in ("fid", "kid", "fid_pooled", "kid_pooled", "cost")})
+        numbers = _numbers(
+            {
+                k: r[k]
+                for k in ("fid", "kid", "fid_pooled", "kid_pooled", "fid_ci", "kid_ci", "cost")
+            }
+        )
         assert numbers and all(math.isfinite(x) for x in numbers), r["key"]
         assert r["fid_pooled"] > 0
+        for which, (value, low, high) in r["fid_ci"].items():
+            assert low <= high and value > 0, (r["key"], which)
         assert (out / r["grid"]).exists()
-    split = [r for r in results if r["arm"] == "collafuse"]
+    split = [r for r in results if r["arm"] == "collafuse" and r["seed"] == 0]
     for r in split:
         d = r["disclosure"]
         assert all(
             math.isfinite(d[k]) for k in ("snr", "kid_cut_vs_train", "attack_psnr", "attack_ssim")
         )
         assert 0.0 <= d["attack_reid"] <= 1.0 and 0.0 <= d["reid_raw_cut"] <= 1.0
+        assert d["attack_reid_ci"][1] <= d["attack_reid"] <= d["attack_reid_ci"][2]
         assert d["attacker"] in {"server model", "raw-data model"}
+        mia = d["membership"]
+        assert 0.0 <= mia["auc"][1] <= mia["auc"][2] <= 1.0
+        assert (mia["members"], mia["non_members"]) == (3 * 96, 3 * 48)
+    central = next(r for r in results if r["arm"] == "centralised")
+    assert 0.0 <= central["disclosure"]["membership"]["auc"][0] <= 1.0
+    # Equal client cost: local-only at the client's size spends exactly the client's training
+    # FLOPs; at full size with the client's FLOPs, within one training step of them.
+    for r in split:
+        size = next(b for b in results if b["arm"] == "local-size" and b["client"] == r["client"])
+        flops = next(b for b in results if b["arm"] == "local-flops" and b["client"] == r["client"])
+        assert size["cost"]["client_train_gflops"] == r["cost"]["client_train_gflops"]
+        assert flops["client_params"] > r["client_params"]
+        assert flops["cost"]["client_train_steps"] < r["cost"]["client_train_steps"]
+        assert flops["cost"]["client_train_gflops"] == pytest.approx(
+            r["cost"]["client_train_gflops"], rel=0.5
+        )
+    # The key arm ran again with the second seed, under its own key.
+    assert [r["key"] for r in results if r["seed"] == 1] == ["classes-collafuse-0.6-xs-s1"]
     # A later cut is noisier: lower SNR, and the client does more of the work.
-    low, high = sorted(split, key=lambda r: r["cut_ratio"])
+    low, high = sorted(
+        (r for r in split if r["client"] == "xs"), key=lambda r: r["cut_ratio"]
+    )  # fmt: skip
     assert high["disclosure"]["snr"] < low["disclosure"]["snr"]
     assert (
         high["cost"]["client_synth_mflops_per_image"] > low["cost"]["client_synth_mflops_per_image"]
@@ -92,9 +122,14 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
     assert local["cost"]["client_train_gflops"] > high["cost"]["client_train_gflops"]
 
     report = (out / "report.md").read_text()
-    for heading in ("## classes split", "### Fidelity", "### Disclosure", "### Cost"):
+    for heading in (
+        "## classes split", "### Fidelity", "### Frontier per client", "### Disclosure", "### Cost"
+    ):  # fmt: skip
         assert heading in report
-    for name in ("fid_vs_cut", "disclosure_vs_cut", "client_compute_vs_cut", "tradeoff"):
+    assert "95% percentile bootstrap over 50 resamples" in report
+    assert "24 generated images per client" in report
+    names = ["fid_vs_cut", "disclosure_vs_cut", "client_compute_vs_cut", "tradeoff"]
+    for name in names + [f"frontier_client{i}" for i in range(3)]:
         png = out / f"{name}_classes.png"
         assert Image.open(png).size[0] > 100
         assert f"({png.name})" in report
