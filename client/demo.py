@@ -38,17 +38,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a server and N clients on loopback, end to end")
     p.add_argument("--clients", type=int, default=3, help="number of client processes")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
-    p.add_argument("--server-steps", type=int, default=800, help="server training steps")
-    p.add_argument("--client-steps", type=int, default=500, help="local steps per client")
-    p.add_argument("--images-per-client", type=int, default=3000, help="0 = the whole share")
-    p.add_argument("--timesteps", type=int, default=1000, help="T")
-    p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
-    p.add_argument("--samples", type=int, default=16, help="images synthesized per client")
-    p.add_argument("--server-width", type=int, default=16, help="server UNet base channels")
-    p.add_argument("--client-width", type=int, default=8, help="client UNet base channels")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
-    p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
-    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    add_size_arguments(p, server_steps=800, client_steps=500, images_per_client=3000, timeout=3600)
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -58,6 +48,30 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="replace an earlier demo in --out (its files only)"
     )
     p.set_defaults(func=run_demo)
+
+
+def add_size_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    server_steps: int,
+    client_steps: int,
+    images_per_client: int,
+    timeout: float,
+) -> None:
+    """The flags that size a demo run, read by `write_configs` (also `collafuse demo-multihost`)."""
+    p.add_argument("--server-steps", type=int, default=server_steps, help="server training steps")
+    p.add_argument("--client-steps", type=int, default=client_steps, help="local steps per client")
+    p.add_argument(
+        "--images-per-client", type=int, default=images_per_client, help="0 = the whole share"
+    )
+    p.add_argument("--timesteps", type=int, default=1000, help="T")
+    p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
+    p.add_argument("--samples", type=int, default=16, help="images synthesized per client")
+    p.add_argument("--server-width", type=int, default=16, help="server UNet base channels")
+    p.add_argument("--client-width", type=int, default=8, help="client UNet base channels")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
+    p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    p.add_argument("--timeout", type=float, default=timeout, help="give up after this many seconds")
 
 
 @dataclass

@@ -380,17 +380,9 @@ def add_multihost_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier demo in --out (its files only)"
     )
-    p.add_argument("--server-steps", type=int, default=300, help="server training steps")
-    p.add_argument("--client-steps", type=int, default=200, help="local steps per client")
-    p.add_argument("--images-per-client", type=int, default=500, help="0 = the whole share")
-    p.add_argument("--timesteps", type=int, default=1000, help="T")
-    p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
-    p.add_argument("--samples", type=int, default=16, help="images synthesized per client")
-    p.add_argument("--server-width", type=int, default=16, help="server UNet base channels")
-    p.add_argument("--client-width", type=int, default=8, help="client UNet base channels")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size on both sides")
-    p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
-    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    from collafuse.client.demo import add_size_arguments
+
+    add_size_arguments(p, server_steps=300, client_steps=200, images_per_client=500, timeout=1800)
     p.set_defaults(func=run_multihost)
 
 
