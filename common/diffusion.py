@@ -72,6 +72,11 @@ class LossOutput:
     """Shape (B,)."""
 
 
+def draws_noise(kind: SamplerKind, eta: float) -> bool:
+    """Whether a reverse step of this sampler adds noise: all but deterministic DDIM (eta = 0)."""
+    return kind != "ddim" or eta != 0.0
+
+
 class Diffusion:
     """The schedule and every formula on it; server and client share one and pass their model."""
 
@@ -259,8 +264,7 @@ class Diffusion:
         if clip:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps_hat = self.eps_from_x0(x_t, t, x0_hat)
-        # Deterministic DDIM (eta = 0) draws no noise at all.
-        if noise is None and (kind != "ddim" or eta != 0.0):
+        if noise is None and draws_noise(kind, eta):
             noise = torch.randn_like(x_t)
         if kind == "ddpm":
             assert noise is not None

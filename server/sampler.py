@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from collafuse.common.diffusion import Diffusion, SamplerKind
+from collafuse.common.diffusion import Diffusion, SamplerKind, draws_noise
 from collafuse.server.trainer import GammaDraw, ModelHub
 
 log = logging.getLogger("collafuse.server.sampler")
@@ -132,7 +132,7 @@ class Job:
     @property
     def needs_noise(self) -> bool:
         """Whether a step draws noise: every sampler but deterministic DDIM does."""
-        return self.kind != "ddim" or self.eta != 0.0
+        return draws_noise(self.kind, self.eta)
 
 
 def default_max_batch(device: torch.device) -> int:
