@@ -158,6 +158,13 @@ class ServerTrainConfig(_Frozen):
     """Do not start training before the pool holds this many cut images."""
     seed: int = 0
     """Seed of the trainer's noise draws."""
+    pool_memory_mib: float = Field(default=0, ge=0)
+    """Memory the trainer may hold cut images in (on its device). A pool that fits is held
+    whole; a larger one is streamed from disk in shuffled chunks, the next read while the
+    current one trains. 0 picks by device: a quarter of the GPU's memory, or of the host's."""
+    chunk_passes: float = Field(default=1.0, gt=0, le=100)
+    """When streaming, train on a chunk for this many passes over its images (in batches drawn
+    with replacement) before moving to the next one, if that one has been read by then."""
 
 
 class PolicyConfig(_Frozen):

@@ -71,6 +71,17 @@ class ClientRecord:
 
 
 @dataclass(frozen=True)
+class PoolIndex:
+    """Which cut images arrived after a sequence number, without their pixels."""
+
+    seq: np.ndarray  # (N,) int64, increasing
+    t_cut: np.ndarray  # (N,) int64
+    client_index: np.ndarray  # (N,) int64
+    shape: tuple[int, ...] | None
+    """(C, H, W) of the images; None when there are none."""
+
+
+@dataclass(frozen=True)
 class PoolRows:
     """Cut images read from the pool, in arrival order."""
 
@@ -247,6 +258,10 @@ class Pool:
         if problems:
             self._db.close()
             raise PoolCorruptError(path, problems, _pragma(full_check))
+        # The trainer reads images on a connection of its own: under WAL a reader never waits
+        # for a commit, and a long read of a chunk never holds up an upload's commit.
+        self._read_lock = threading.Lock()
+        self._read_db: sqlite3.Connection | None = None
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -264,6 +279,10 @@ class Pool:
 
     def close(self) -> None:
         """Close the database."""
+        with self._read_lock:
+            if self._read_db is not None:
+                self._read_db.close()
+                self._read_db = None
         with self._lock:
             self._db.close()
 
@@ -357,23 +376,82 @@ class Pool:
         return [ClientPool(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     def read_since(self, seq: int) -> PoolRows:
-        """Cut images that arrived after sequence number `seq`."""
-        with self._lock, self._errors():
-            rows = self._db.execute(
-                "SELECT k.seq, k.t_cut, k.shape, k.data, c.client_index FROM cuts k "
-                "JOIN clients c ON c.client_id = k.client_id WHERE k.seq > ? ORDER BY k.seq",
-                (seq,),
-            ).fetchall()
-        if not rows:
+        """Cut images that arrived after sequence number `seq`, pixels included."""
+        index = self.index_since(seq)
+        if index.shape is None:
             return PoolRows(seq, torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0))
-        shape = tuple(int(d) for d in rows[0][2].split(","))
-        cuts = np.stack([np.frombuffer(r[3], dtype="<f4").reshape(shape) for r in rows])
+        found, cuts = self.read_cuts(index.seq, index.shape)
+        at = np.searchsorted(index.seq, found)
         return PoolRows(
-            last_seq=int(rows[-1][0]),
-            cuts=torch.from_numpy(cuts.astype(np.float32)),
-            t_cut=torch.tensor([int(r[1]) for r in rows], dtype=torch.long),
-            client_index=torch.tensor([int(r[4]) for r in rows], dtype=torch.long),
+            last_seq=int(found[-1]) if len(found) else seq,
+            cuts=cuts,
+            t_cut=torch.from_numpy(index.t_cut[at]),
+            client_index=torch.from_numpy(index.client_index[at]),
         )
+
+    def _reader(self) -> sqlite3.Connection:
+        """The read connection (call with _read_lock held), opened on first use."""
+        if self._read_db is None:
+            # Not opened read-only: a read-only connection to a WAL file fails when the -shm
+            # file is missing, and this one only ever runs SELECTs.
+            self._read_db = sqlite3.connect(self.path, check_same_thread=False)
+        return self._read_db
+
+    def index_since(self, seq: int) -> PoolIndex:
+        """Sequence number, t_cut and client index of every cut image after `seq`, in order.
+
+        Reads no pixels: 24 bytes a row in memory, so a pool far larger than memory can be
+        indexed whole (the trainer streams the pixels in chunks with `read_cuts`).
+        """
+        with self._read_lock, self._errors():
+            rows = (
+                self._reader()
+                .execute(
+                    "SELECT k.seq, k.t_cut, c.client_index FROM cuts k JOIN clients c "
+                    "ON c.client_id = k.client_id WHERE k.seq > ? ORDER BY k.seq",
+                    (seq,),
+                )
+                .fetchall()
+            )
+            shape = None
+            if rows:
+                text = (
+                    self._reader()
+                    .execute("SELECT shape FROM cuts WHERE seq = ?", (rows[0][0],))
+                    .fetchone()
+                )
+                shape = tuple(int(d) for d in text[0].split(",")) if text else None
+        table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return PoolIndex(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), shape)
+
+    # SQLite's default limit on bound parameters is 32766 since 3.32; stay well below it.
+    _READ_BATCH = 900
+
+    def read_cuts(self, seqs: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, Tensor]:
+        """The cut images with these sequence numbers: (seqs found, (M, *shape) float32).
+
+        Rows deleted meanwhile (Forget) are left out; the images come in the order of the
+        sequence numbers found. The batches of lookups release the GIL while SQLite reads.
+        """
+        found: list[int] = []
+        row_bytes = 4 * math.prod(shape)
+        out = np.empty((len(seqs), *shape), dtype=np.float32)
+        with self._read_lock, self._errors():
+            db = self._reader()
+            for start in range(0, len(seqs), self._READ_BATCH):
+                part = [int(s) for s in seqs[start : start + self._READ_BATCH]]
+                marks = ",".join("?" * len(part))
+                for seq, data in db.execute(
+                    f"SELECT seq, data FROM cuts WHERE seq IN ({marks}) ORDER BY seq", part
+                ):
+                    if len(data) != row_bytes:
+                        raise ValueError(
+                            f"cut image {seq} in {self.path} holds {len(data)} bytes, not the "
+                            f"{row_bytes} of shape {shape}"
+                        )
+                    out[len(found)] = np.frombuffer(data, dtype="<f4").reshape(shape)
+                    found.append(int(seq))
+        return np.array(found, dtype=np.int64), torch.from_numpy(out[: len(found)])
 
 
 # ----- salvage ---------------------------------------------------------------------------------

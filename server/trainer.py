@@ -31,6 +31,7 @@ from collafuse.common.files import private_dir
 from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters
 from collafuse.common.training import TrainLoop, load_optimizer
 from collafuse.server.pool import Pool
+from collafuse.server.training_set import TrainingSet, memory_budget
 
 log = logging.getLogger("collafuse.server.trainer")
 
@@ -227,12 +228,16 @@ class Trainer:
             self._roll_back("the resumed checkpoint holds non-finite weights")
             self._remember_good()
         self.hub = ModelHub(copy.deepcopy(self.ema), version=self.step)
-        self._cuts = torch.empty(0, device=device)
-        self._t_cut = torch.empty(0, dtype=torch.long, device=device)
-        self._labels = torch.empty(0, dtype=torch.long, device=device)
-        self._size = 0
-        self._seq = 0
-        # Guards the in-memory pool: the training thread reads it, Forget removes rows from it.
+        self.data = TrainingSet(
+            pool,
+            device,
+            memory_bytes=memory_budget(device, config.train.pool_memory_mib),
+            passes=config.train.chunk_passes,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+        )
+        """The cut images training draws from: the pool, whole or in streamed chunks."""
+        # Guards the training set: the training thread reads it, Forget removes rows from it.
         self._data_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -466,21 +471,14 @@ class Trainer:
     def refresh(self) -> int:
         """Pull cut images that arrived since the last refresh; returns the pool size."""
         with self._data_lock:
-            if self.pool is not None:
-                rows = self.pool.read_since(self._seq)
-                if rows.cuts.numel():
-                    self.add_cuts(rows.cuts, rows.t_cut, rows.client_index)
-                    self._seq = rows.last_seq
-            return self._size
+            for label in self.data.refresh():
+                self.trained_since.setdefault(label, self.step)
+            return self.data.size
 
     def add_cuts(self, cuts: Tensor, t_cut: Tensor, client_index: Tensor) -> None:
         """Add cut images (N, C, H, W) with their t_cut and client index, each (N,)."""
         with self._data_lock:
-            old = self._cuts.reshape(-1, *cuts.shape[1:])
-            self._cuts = torch.cat([old, cuts.to(self.device)])
-            self._t_cut = torch.cat([self._t_cut, t_cut.long().to(self.device)])
-            self._labels = torch.cat([self._labels, client_index.long().to(self.device)])
-            self._size = int(self._t_cut.numel())
+            self.data.add(cuts, t_cut, client_index)
             for label in client_index.unique().tolist():
                 self.trained_since.setdefault(int(label), self.step)
 
@@ -490,11 +488,7 @@ class Trainer:
         Call after deleting them from the pool, so no refresh can bring them back.
         """
         with self._data_lock:
-            keep = self._labels != client_index
-            self._cuts = self._cuts[keep] if self._cuts.numel() else self._cuts
-            self._t_cut = self._t_cut[keep]
-            self._labels = self._labels[keep]
-            self._size = int(self._t_cut.numel())
+            self.data.forget(client_index)
             since = self.trained_since.pop(client_index, None)
             if since is None or self.step <= since:
                 return None
@@ -506,21 +500,24 @@ class Trainer:
         label is a client index (that client's cut images, its conditional) or the
         unconditional label (every client's). Only cuts with c < t can be re-noised to t.
         Rows are drawn with replacement by a generator seeded with `seed`, without reading
-        anything back from the device. None when the pool is empty.
+        anything back from the device. None when the pool is empty. While the pool is streamed
+        the draw comes from the chunk in memory, a uniform random share of the pool.
         """
         gen = torch.Generator(self.device).manual_seed(seed)
         with self._data_lock:
-            if self._size == 0:
+            held = self.data.held()
+            size = len(held)
+            if size == 0:
                 return None
-            eligible = self._t_cut < t
+            eligible = held.t_cut < t
             if label != unconditional_label(self.config):
-                eligible &= self._labels == label
+                eligible &= held.labels == label
             # Inverse-CDF draw over the eligible rows: sync-free, unlike nonzero or multinomial.
             cdf = eligible.to(torch.float64 if self.device.type != "mps" else torch.float32)
             cdf = cdf.cumsum(0)
             u = torch.rand(n, generator=gen, device=self.device, dtype=cdf.dtype) * cdf[-1]
-            idx = torch.searchsorted(cdf, u, right=True).clamp(max=self._size - 1)
-            x_c, c = self._cuts[idx], self._t_cut[idx]
+            idx = torch.searchsorted(cdf, u, right=True).clamp(max=size - 1)
+            x_c, c = held.cuts[idx], held.t_cut[idx]
         ok = cdf[-1] > 0
         # Without an eligible row the draw is flagged, and c is kept below t so renoise accepts it.
         c = c.clamp(max=t - 1)
@@ -562,12 +559,10 @@ class Trainer:
         gen = self.loop.generator()
         dev = self.device
         B = cfg.batch_size
-        idx = torch.randint(0, self._size, (B,), generator=gen, device=dev)  # with replacement
-        x_c = self._cuts[idx]  # (B, C, H, W)
-        c = self._t_cut[idx]  # (B,)
+        x_c, c, client = self.data.batch(B, gen)  # (B, C, H, W), (B,), (B,); with replacement
         t = self.timesteps.sample(c, self.diffusion.num_timesteps, generator=gen)  # (B,) in (c, T]
         drop = torch.rand((B,), generator=gen, device=dev) < cfg.p_uncond
-        labels = torch.where(drop, unconditional_label(self.config), self._labels[idx])
+        labels = torch.where(drop, unconditional_label(self.config), client)
         noise = torch.randn(x_c.shape, generator=gen, device=dev)
         self.model.train()
         with self.loop.autocast():
@@ -643,7 +638,7 @@ class Trainer:
         cfg = self.config.train
         if cfg.max_steps and self.step >= cfg.max_steps:
             return "finished"
-        if self._size < cfg.min_pool:
+        if self.data.size < cfg.min_pool:
             return "waiting for data"
         return "training"
 
@@ -710,6 +705,7 @@ class Trainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self.data.close()
         if self.step:
             try:
                 self.save()
