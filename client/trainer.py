@@ -136,10 +136,11 @@ class LocalTrainer:
         floor = torch.full((len(idx),), self.t_floor, dtype=torch.long)
         t = self.timesteps.sample(floor, self.t_cut, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        self.model.train()
         cond = None if labels is None else labels[idx]
-        out = self.diffusion.eps_loss(UNetDenoiser(self.model, cond), x0, t, noise)
-        return float(self.loop.update(out.loss))
+        loss = self.loop.loss(
+            lambda net: self.diffusion.eps_loss(UNetDenoiser(net, cond), x0, t, noise).loss
+        )
+        return float(self.loop.update(loss))
 
     def train(
         self,

@@ -165,6 +165,13 @@ class ServerTrainConfig(_Frozen):
     chunk_passes: float = Field(default=1.0, gt=0, le=100)
     """When streaming, train on a chunk for this many passes over its images (in batches drawn
     with replacement) before moving to the next one, if that one has been read by then."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The network's precision in training: bf16 runs forward and backward under bfloat16
+    autocast (weights, gradients and AdamW state stay float32); auto takes bf16 on CUDA and
+    fp32 elsewhere."""
+    compile: bool = False
+    """torch.compile the network for training. It compiles at the first step; a compilation
+    that fails leaves the network uncompiled, with a warning."""
 
 
 class PolicyConfig(_Frozen):

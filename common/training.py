@@ -7,14 +7,18 @@ differ in their data and loss only; everything a step does after the loss is her
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from collafuse.common.nets import ema_update
+
+log = logging.getLogger("collafuse.training")
 
 CLIP_NORM = 1.0
 """Gradients are clipped to this global norm."""
@@ -55,9 +59,18 @@ class TrainLoop:
         ema_decay: float,
         seed: int,
         device: torch.device,
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = device
         self.model = model.to(device)
+        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        """Forward and backward run under bfloat16 autocast."""
+        self._compiled: nn.Module | None = None
+        self._compile_proven = False
+        if compile:
+            # Compiled lazily, at the first step; the weights stay those of `model`.
+            self._compiled = torch.compile(self.model)  # type: ignore[assignment]
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = make_optimizer(self.model, lr, weight_decay)
         self.ema_decay = ema_decay
@@ -73,10 +86,41 @@ class TrainLoop:
         return self._generator.manual_seed(self.seed * 1_000_003 + self.step)
 
     def autocast(self) -> AbstractContextManager[Any]:
-        """bf16 autocast on CUDA, full precision elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when the loop runs in bf16 (by default on CUDA), else nothing."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run the torch.compile'd network."""
+        return self._compiled is not None
+
+    def loss(self, compute: Callable[[nn.Module], Tensor]) -> Tensor:
+        """compute(network) in training mode under the loop's autocast: the compiled network
+        when compile was asked for and it compiles, else the model itself.
+
+        A compilation that fails (no C compiler, an unsupported op) falls back to the eager
+        model once, with a warning; an error after the compiled network has run is raised.
+        """
+        self.model.train()
+        with self.autocast():
+            if self._compiled is None:
+                return compute(self.model)
+            try:
+                out = compute(self._compiled)
+            except Exception as exc:
+                if self._compile_proven:
+                    raise
+                log.warning(
+                    "torch.compile of the training network failed (%s: %s); training uncompiled",
+                    type(exc).__name__,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                )
+                self._compiled = None
+                return compute(self.model)
+            self._compile_proven = True
+            return out
 
     def update(self, loss: Tensor) -> Tensor:
         """Backward, clip, AdamW (skipped on the device when not finite), EMA; step += 1.

@@ -759,6 +759,7 @@ class Bench:
             self.synthesis()
             self.fairness()
             self.training()
+            self.streaming()
             self.upload()
             self.client()
         finally:
@@ -1082,6 +1083,92 @@ class Bench:
                 "own_process_s": apart,
                 "load_clients": len(load_ids),
             },
+        )
+
+    STREAM_CHUNK_BATCHES = 2
+    """P3 streaming: a chunk holds this many batches, so the loader must deliver a chunk every
+    this many steps (one pass each): a harder pace than any real pool's."""
+    STREAM_CHUNKS = 8
+    """P3 streaming: chunks in the pool (the budget holds two)."""
+
+    def streaming(self) -> None:
+        """P3: trainer steps/s on a pool streamed from disk over the same pool held whole."""
+        from collafuse.server.pool import Pool
+        from collafuse.server.trainer import Trainer
+
+        s, device = self.s, self.device
+        chunk = self.STREAM_CHUNK_BATCHES * s.train_batch
+        size = self.STREAM_CHUNKS * chunk
+        steps = 4 * self.STREAM_CHUNK_BATCHES * max(1, s.train_steps // 2)  # several swaps
+        row_bytes = 4 * math.prod(s.image.shape)
+        budget_mib = 2 * chunk * row_bytes / 2**20
+        with tempfile.TemporaryDirectory() as tmp:
+            pool = Pool(Path(tmp) / "pool.sqlite")
+            trainers: list[Trainer] = []
+            try:
+                cuts = honest_cuts(self.diffusion, self.t_cut, size, s.image, seed=5)
+                for k in range(4):
+                    cid = f"stream-{k}"
+                    pool.register(cid, self.t_cut, s.cut_ratio, max_clients=8)
+                    part = range(k, size, 4)
+                    pool.add(cid, self.t_cut, [f"{cid}-{i}" for i in part], cuts[list(part)])
+                for name, mib in (
+                    ("held", 4 * budget_mib * self.STREAM_CHUNKS),
+                    ("streamed", budget_mib),
+                ):
+                    train = self.config.train.model_copy(update={"pool_memory_mib": mib, "seed": 1})
+                    config = self.config.model_copy(update={"train": train})
+                    trainer = Trainer(
+                        config, self.diffusion, pool, device, Path(tmp) / name / "server.pt"
+                    )
+                    trainer.refresh()
+                    trainers.append(trainer)
+                held, streamed = trainers
+                if held.data.streaming or not streamed.data.streaming:
+                    raise BenchError("P3 streaming: the budgets did not split held from streamed")
+
+                def run(trainer: Trainer) -> Callable[[], None]:
+                    def steps_of() -> None:
+                        for _ in range(steps):
+                            trainer.train_step()
+
+                    return steps_of
+
+                run(held)()  # warm-up both
+                run(streamed)()
+                late = streamed.data.late_swaps
+                whole, chunked = [], []
+                for r in range(s.reps):
+                    whole.append(_timed(run(held), device))
+                    chunked.append(_timed(run(streamed), device))
+                    self.say(
+                        f"P3 streaming rep {r + 1}/{s.reps}: {steps} steps held whole "
+                        f"{whole[-1]:.3f}s, streamed {chunked[-1]:.3f}s"
+                    )
+                late = streamed.data.late_swaps - late
+                loaded = streamed.data.chunks_loaded
+            finally:
+                for trainer in trainers:
+                    trainer.data.close()
+                pool.close()
+        ratio = _median(whole) / _median(chunked)
+        self.add(
+            "P3",
+            "trainer on a streamed pool/held whole",
+            ratio,
+            f"{steps / _median(chunked):.3g} vs {steps / _median(whole):.3g} steps/s; chunks of "
+            f"{chunk} images ({self.STREAM_CHUNK_BATCHES} steps each), {late} late of the timed "
+            "ones",
+            {
+                "pool_images": size,
+                "chunk_images": chunk,
+                "budget_mib": budget_mib,
+                "steps_per_sample": steps,
+                "held_s": whole,
+                "streamed_s": chunked,
+                "chunks_loaded": loaded,
+            },
+            bound=0.9,
         )
 
     def _bare_trainer(self, pool: Tensor, labels: Tensor) -> Callable[[], None]:

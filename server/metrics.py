@@ -101,6 +101,32 @@ class ServerCollector(Collector):
         yield _counter(
             "collafuse_trainer_restarts", "Restarts of a failed trainer", trainer.restarts
         )
+        data = trainer.data
+        yield _gauge(
+            "collafuse_train_pool_budget_bytes",
+            "Memory the trainer may hold cut images in (train.pool_memory_mib)",
+            data.memory_bytes,
+        )
+        yield _gauge(
+            "collafuse_train_pool_resident_images",
+            "Cut images the trainer holds in memory: the whole pool, or its current chunk",
+            data.resident,
+        )
+        yield _gauge(
+            "collafuse_train_pool_streaming",
+            "1 once the pool outgrew the budget and is streamed from disk in chunks",
+            int(data.streaming),
+        )
+        yield _counter(
+            "collafuse_train_pool_chunks_loaded",
+            "Chunks of the pool read from disk while streaming",
+            data.chunks_loaded,
+        )
+        yield _counter(
+            "collafuse_train_pool_late_chunks",
+            "Times a chunk had been trained for its passes before the next one was read",
+            data.late_swaps,
+        )
         sampler = svc.sampler
         yield _counter(
             "collafuse_sampler_forward_calls",

@@ -199,6 +199,8 @@ class Trainer:
             ema_decay=config.train.ema_decay,
             seed=config.train.seed,
             device=device,
+            precision=config.train.precision,
+            compile=config.train.compile,
         )
         self.model = self.loop.model
         self.ema = self.loop.ema
@@ -564,12 +566,15 @@ class Trainer:
         drop = torch.rand((B,), generator=gen, device=dev) < cfg.p_uncond
         labels = torch.where(drop, unconditional_label(self.config), client)
         noise = torch.randn(x_c.shape, generator=gen, device=dev)
-        self.model.train()
-        with self.loop.autocast():
-            out = self.diffusion.bridge_loss(
-                UNetDenoiser(self.model, labels), x_c, c, t, noise, gamma=cfg.loss_gamma
+        loss = self.loop.update(
+            self.loop.loss(
+                lambda net: (
+                    self.diffusion.bridge_loss(
+                        UNetDenoiser(net, labels), x_c, c, t, noise, gamma=cfg.loss_gamma
+                    ).loss
+                )
             )
-        loss = self.loop.update(out.loss)
+        )
         if self.step % self.check_every == 0:
             self._check()
         return loss

@@ -44,6 +44,8 @@ def _check_report(doc: dict[str, Any]) -> None:
         f"served/bare forward, K={k}" for k in clients
     }
     assert len(doc["figures"]["P5"]) == 2  # UploadCuts and Upload
+    streamed = [f for f in doc["figures"]["P3"] if f["name"].startswith("trainer on a streamed")]
+    assert len(streamed) == 1 and streamed[0]["chunks_loaded"] >= 1
     assert any("RSS" in f["name"] for f in doc["figures"]["P4"])
     device = doc["device"]
     assert device["name"] and device["torch"]

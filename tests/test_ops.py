@@ -36,6 +36,7 @@ from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import CutBatch, Registration
 from collafuse.common.obs import JsonFormatter
 from collafuse.server.app import RunningServer, read_server_info, start_server
+from collafuse.server.training_set import memory_budget
 
 CLI = [sys.executable, "-m", "collafuse"]
 # The server of these tests, as flags: tiny enough to start in a few seconds on a CPU.
@@ -160,6 +161,11 @@ def test_server_metrics_count_calls_by_method_and_code_and_read_the_pool(
     assert value(m, "collafuse_train_step") == 0  # min_pool keeps the tiny trainer waiting
     assert value(m, "collafuse_train_nonfinite_steps_total") == 0
     assert value(m, "collafuse_trainer_up") == 1
+    # The tiny pool fits the default budget (a quarter of the host's memory): held whole.
+    assert value(m, "collafuse_train_pool_budget_bytes") == memory_budget(torch.device("cpu"), 0)
+    assert value(m, "collafuse_train_pool_streaming") == 0
+    assert value(m, "collafuse_train_pool_chunks_loaded_total") == 0
+    assert value(m, "collafuse_train_pool_resident_images") in (0, 5)  # 5 once refreshed
     assert value(m, "collafuse_model_version") == running.trainer.hub.version
     assert value(m, "collafuse_sampler_queue_depth") == 0
     assert value(m, "collafuse_sampler_max_batch") == 64
