@@ -29,6 +29,7 @@ from collafuse.common.config import (
     DataConfig,
     ImageConfig,
     PolicyConfig,
+    SamplerKind,
     ScheduleConfig,
     ServerConfig,
     ServerTrainConfig,
@@ -312,8 +313,42 @@ class ArmRunner:
         return out.cpu(), time.perf_counter() - started
 
     def _quality(self, arm: Arm, samples: list[Tensor]) -> dict[str, Any]:
-        tests = [s.test for s in self.shares(arm.partition)]
-        return self.scorer.quality(arm.key, arm.partition, tests, samples, arm.seed)
+        """FID/KID with intervals, and whether the samples copy training images."""
+        shares = self.shares(arm.partition)
+        tests = [s.test for s in shares]
+        result = self.scorer.quality(arm.key, arm.partition, tests, samples, arm.seed)
+        trains = [s.train.images for s in shares]
+        result["copying"] = self.scorer.copying(samples, trains, tests, arm.seed + 41)
+        return result
+
+    def _few_step_samplers(
+        self, arm: Arm, clients: list[nn.Module], handoff: list[Tensor], t_cut: int
+    ) -> dict[str, Any]:
+        """Pooled FID when every client finishes its chain from the same hand-off in
+        eval.few_client_steps steps with DDIM, DDPM and Analytic-DPM (Gamma_t from the client's
+        own training images): what the client's sampler is worth at few steps."""
+        steps = self.config.eval.few_client_steps
+        shares = self.shares(arm.partition)
+        tests = [s.test for s in shares]
+        out: dict[str, Any] = {"steps": steps}
+        kinds: tuple[SamplerKind, ...] = ("ddim", "ddpm", "analytic")
+        for k, kind in enumerate(kinds):
+            samples = [
+                finish_chain(
+                    self.diffusion,
+                    clients[i],
+                    handoff[i],
+                    t_cut,
+                    steps,
+                    kind,
+                    0.0,
+                    arm.seed + i,
+                    images=shares[i].train.images,
+                )
+                for i in range(len(shares))
+            ]
+            out[kind] = self.scorer.pooled_fid(arm.partition, tests, samples, arm.seed + 50 + k)
+        return out
 
     def _steps(self, images: int, epochs: float) -> int:
         """Training steps for `epochs` passes over `images` images at the study's batch size."""
@@ -696,6 +731,10 @@ class ArmRunner:
         ]
         client_synth_s = time.perf_counter() - started
         result = self._quality(arm, samples)
+        if ev.few_client_steps:
+            result["few_step_samplers"] = self._few_step_samplers(
+                arm, clients, server.handoff, t_cut
+            )
         result["t_cut"] = t_cut
         result["client_params"] = _params(client_cfg, self.image)
         result["disclosure"] = server.disclosure

@@ -287,6 +287,60 @@ def _plots(mine: list[dict[str, Any]], out: Path, partition: str, n: int) -> lis
     return files
 
 
+def _copying(mine: list[dict[str, Any]]) -> list[str]:
+    """The table of how often samples lie nearer to training images than to held-out ones."""
+    rows = [r for r in mine if "copying" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### What clients receive: copies of training images?",
+        "",
+        "| arm | own training images | another client's training images |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        c = r["copying"]
+        lines.append(f"| {_name(r)} | {_fmt_ci(c.get('own'))} | {_fmt_ci(c.get('other'))} |")
+    samples = rows[0]["copying"].get("samples")
+    lines += [
+        "",
+        f"Share of a client's {samples} samples (all clients) whose nearest training image, in "
+        "the classifier's features, is nearer than its nearest held-out image of the same "
+        "client, with equally many of each: 0.5 means the samples copy nothing; above it they "
+        'reproduce training images. "another client\'s" above 0.5 would mean a client '
+        "receives copies of another client's images through the shared server.",
+    ]
+    return lines
+
+
+def _few_step_samplers(mine: list[dict[str, Any]]) -> list[str]:
+    """The table of pooled FIDs with each client sampler at few steps, same hand-off."""
+    rows = [r for r in mine if "few_step_samplers" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### The client's sampler at few steps",
+        "",
+        "| arm | client steps | DDIM | DDPM | Analytic-DPM |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f = r["few_step_samplers"]
+        lines.append(
+            f"| {_name(r)} | {f['steps']} | {_fmt_ci(f.get('ddim'))} | {_fmt_ci(f.get('ddpm'))} "
+            f"| {_fmt_ci(f.get('analytic'))} |"
+        )
+    lines += [
+        "",
+        "Pooled FID (95% interval) when each client finishes its chain from the same server "
+        "hand-off in that many steps; Analytic-DPM is DDPM's mean with the optimal variance, "
+        "Gamma_t estimated from the client's own training images.",
+    ]
+    return lines
+
+
 def _verdict(a: Interval, b: Interval) -> str:
     """How FID interval `a` compares with `b`: a difference only where they separate."""
     if not a.separated_from(b):
@@ -472,6 +526,8 @@ def write_report(
             "members (for the server: the cut images it trained on) from held-out images cut "
             "the same way; AUC 0.5 is chance.",
         ]
+        lines += _copying(mine)
+        lines += _few_step_samplers(mine)
         lines += ["", "### Cost", ""]
         lines.append(
             "| arm | client train steps | client train GFLOPs | server train GFLOPs | client "

@@ -23,6 +23,10 @@ __all__ = ["Arm", "ClientShare", "Study", "load_shares", "plan"]
 
 log = logging.getLogger("collafuse.experiments")
 
+SCORES = 2
+"""Which figures a saved arm holds; a saved arm made before the current figures is rescored.
+1: quality, cost, disclosure, membership. 2: adds copying (own and other clients' images)."""
+
 
 class Study:
     """Runs the arms of one config into an output directory; finished arms are not redone."""
@@ -61,12 +65,20 @@ class Study:
         return self.config.arm_digest(f"{arm.key}|seed={arm.seed}", arm.client)
 
     def done(self, arm: Arm) -> dict[str, Any] | None:
-        """The saved result of an arm, if it was made by this same config."""
+        """The saved result of an arm, if it was made by this same config and holds every
+        figure asked for. One that lacks a figure is run again: its models resume from their
+        checkpoints, finished, so only sampling and scoring are redone."""
         path = self.arm_path(arm)
         if not path.exists():
             return None
         result: dict[str, Any] = json.loads(path.read_text())
-        return result if result.get("digest") == self.digest(arm) else None
+        if result.get("digest") != self.digest(arm) or result.get("scores", 1) < SCORES:
+            return None
+        steps = self.config.eval.few_client_steps
+        wanted = arm.kind == "collafuse" and steps
+        if wanted and result.get("few_step_samplers", {}).get("steps") != steps:
+            return None
+        return result
 
     def run(self) -> list[dict[str, Any]]:
         """Run every arm not yet done; returns all results in plan order."""
@@ -92,6 +104,7 @@ class Study:
                 key=arm.key,
                 name=arm.name,
                 digest=digest,
+                scores=SCORES,
                 wall_s=round(time.perf_counter() - started, 2),
             )
             tmp = self.arm_path(arm).with_suffix(".tmp")

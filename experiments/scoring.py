@@ -9,6 +9,9 @@ held-out images. Disclosure covers two attacks on what the server holds:
 - membership: a loss-threshold attack with the server's own model at its own timesteps, telling
   the cut images it trained on from held-out images cut the same way; beside it the same attack
   on the centralised model with the raw images.
+
+And one check of what a client receives: whether its samples copy training images, its own or
+another client's (`copying`).
 """
 
 from __future__ import annotations
@@ -117,6 +120,51 @@ class Scorer:
             "grid": str(grid.relative_to(self.out)),
             **extra,
         }
+
+    def pooled_fid(
+        self, partition: str, tests: list[Tensor], samples: list[Tensor], seed: int
+    ) -> list[float]:
+        """Pooled FID [value, low, high] of samples against the clients' held-out images."""
+        s = self.settings
+        real = torch.cat(self._real_features(partition, tests))
+        fake = torch.cat([extract_features(x, self.features) for x in samples])
+        return fid_kid_ci(real, fake, s.resamples, s.level, seed).fid.to_list()
+
+    def copying(
+        self, samples: list[Tensor], trains: list[Tensor], tests: list[Tensor], seed: int
+    ) -> dict[str, Any]:
+        """How often client j's samples lie nearer to client k's training images than to k's
+        held-out images (classifier features), for k = j ("own") and k != j ("other").
+
+        Each training set is cut to the size of its held-out set (a seeded draw), so a model
+        that copies nothing scores 0.5: its samples are as near to images it never saw as to
+        those it trained on. Above 0.5 its samples reproduce training images; "other" above
+        0.5 means one client receives copies of another client's images.
+        """
+        s = self.settings
+        gen = torch.Generator().manual_seed(seed)
+        near: list[tuple[Tensor, Tensor]] = []  # per client k: (train, held-out) features
+        for train, test in zip(trains, tests, strict=True):
+            m = min(train.shape[0], test.shape[0])
+            pick = torch.randperm(train.shape[0], generator=gen)[:m]
+            near.append(
+                (
+                    extract_features(train[pick], self.features),
+                    extract_features(test[:m], self.features),
+                )
+            )
+        own: list[Tensor] = []
+        other: list[Tensor] = []
+        for j, x in enumerate(samples):
+            f = extract_features(x, self.features)
+            for k, (f_train, f_test) in enumerate(near):
+                closer = torch.cdist(f, f_train).amin(1) < torch.cdist(f, f_test).amin(1)
+                (own if j == k else other).append(closer)
+        out: dict[str, Any] = {"reference": 0.5, "samples": sum(x.shape[0] for x in samples)}
+        out["own"] = mean_ci(torch.cat(own), s.resamples, s.level, seed + 1).to_list()
+        if other:
+            out["other"] = mean_ci(torch.cat(other), s.resamples, s.level, seed + 2).to_list()
+        return out
 
     def reconstruction(
         self,

@@ -83,6 +83,11 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
         for which, (value, low, high) in r["fid_ci"].items():
             assert low <= high and value > 0, (r["key"], which)
         assert (out / r["grid"]).exists()
+        copying = r["copying"]
+        for which in ("own", "other"):
+            value, low, high = copying[which]
+            assert 0.0 <= low <= value <= high <= 1.0, (r["key"], which)
+        assert copying["samples"] == 3 * 24 and r["scores"] == 2
     split = [r for r in results if r["arm"] == "collafuse" and r["seed"] == 0]
     for r in split:
         d = r["disclosure"]
@@ -95,6 +100,10 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
         mia = d["membership"]
         assert 0.0 <= mia["auc"][1] <= mia["auc"][2] <= 1.0
         assert (mia["members"], mia["non_members"]) == (3 * 96, 3 * 48)
+        few = r["few_step_samplers"]
+        assert few["steps"] == 3
+        assert all(few[k][1] <= few[k][2] and few[k][0] > 0 for k in ("ddim", "ddpm", "analytic"))
+    assert not any("few_step_samplers" in r for r in results if r["arm"] != "collafuse")
     central = next(r for r in results if r["arm"] == "centralised")
     assert 0.0 <= central["disclosure"]["membership"]["auc"][0] <= 1.0
     # Equal client cost: local-only at the client's size spends exactly the client's training
@@ -123,7 +132,9 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
 
     report = (out / "report.md").read_text()
     for heading in (
-        "## classes split", "### Fidelity", "### Frontier per client", "### Disclosure", "### Cost"
+        "## classes split", "### Fidelity", "### Frontier per client", "### Disclosure", "### Cost",
+        "### What clients receive: copies of training images?",
+        "### The client's sampler at few steps",
     ):  # fmt: skip
         assert heading in report
     assert "95% percentile bootstrap over 50 resamples" in report
@@ -141,6 +152,19 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
     assert second.stdout.count("done earlier, kept") == len(arms)
     again = json.loads((out / "results.json").read_text())["results"]
     assert [r["fid_pooled"] for r in again] == [r["fid_pooled"] for r in results]
+
+    # An arm saved before a figure existed is rescored, not retrained: its models resume
+    # finished from their checkpoints, so sampling gives the same images and the same FID.
+    arm = next(r for r in results if r["arm"] == "collafuse")
+    path = out / "arms" / f"{arm['key']}.json"
+    old = json.loads(path.read_text())
+    del old["copying"], old["scores"]
+    path.write_text(json.dumps(old))
+    third = _run(out)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stdout.count("done earlier, kept") == len(arms) - 1
+    rescored = json.loads(path.read_text())
+    assert rescored["copying"] == arm["copying"] and rescored["fid_ci"] == arm["fid_ci"]
 
 
 def test_inception_weights_must_exist(tmp_path: Path) -> None:

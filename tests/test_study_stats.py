@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,31 @@ def test_membership_figures() -> None:
     assert 0.0 <= r.tpr_at_1pct_fpr.low <= r.tpr_at_1pct_fpr.value <= r.tpr_at_1pct_fpr.high
     chance = membership_ci(same[:150], same[150:], 40, 0.95, 0)
     assert chance.auc.low < 0.5 < chance.auc.high
+
+
+def test_copying_tells_copies_from_images_never_seen() -> None:
+    from collafuse.common.diffusion import Diffusion
+    from collafuse.experiments.metrics import load_feature_net
+    from collafuse.experiments.scoring import Scorer, ScoreSettings
+
+    gen = torch.Generator().manual_seed(0)
+    # Three clients with images of their own brightness: (N, 1, 28, 28) in [-1, 1].
+    trains = [(torch.rand((20, 1, 28, 28), generator=gen) + k) / 1.5 - 1 for k in range(3)]
+    tests = [(torch.rand((20, 1, 28, 28), generator=gen) + k) / 1.5 - 1 for k in range(3)]
+    scorer = Scorer(
+        ScoreSettings(resamples=50, level=0.95, kid_subset_size=8, membership_timesteps=1),
+        load_feature_net(),
+        Diffusion(torch.linspace(1e-4, 0.02, 50).numpy()),
+        Path("unused"),
+    )
+    # Equal sets, so none is cut. Samples that are training images each lie on one, nearer
+    # than any held-out image; samples that are held-out images never lie nearer to a training
+    # image.
+    copies = scorer.copying([t[:10] for t in trains], trains, tests, seed=1)
+    assert copies["own"][0] == 1.0 and copies["samples"] == 30
+    unseen = scorer.copying([t[:10] for t in tests], trains, tests, seed=1)
+    assert unseen["own"][0] == 0.0
+    for result in (copies, unseen):
+        for which in ("own", "other"):
+            value, low, high = result[which]
+            assert 0.0 <= low <= value <= high <= 1.0
