@@ -65,7 +65,7 @@ def add_size_arguments(
         "--images-per-client", type=int, default=images_per_client, help="0 = the whole share"
     )
     p.add_argument("--timesteps", type=int, default=1000, help="T")
-    p.add_argument("--cut-ratio", type=float, default=0.3, help="every client's cut ratio")
+    p.add_argument("--cut-ratio", type=float, default=0.5, help="every client's cut ratio")
     p.add_argument("--samples", type=int, default=16, help="images synthesized per client")
     p.add_argument("--server-width", type=int, default=16, help="server UNet base channels")
     p.add_argument("--client-width", type=int, default=8, help="client UNet base channels")

@@ -25,15 +25,18 @@ from collafuse.client.ledger import Ledger, LedgerError, Release
 from collafuse.client.remote import Remote, open_channel
 from collafuse.client.synth import SynthesisError, receive_cut_samples
 from collafuse.common import serde
-from collafuse.common.config import ClientConfig, ScheduleConfig
+from collafuse.common.config import ClientConfig, DataConfig, ScheduleConfig, ServerConfig
 from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import (
+    Registration,
     ScheduleInfo,
     Session,
     SynthesisChunk,
     SynthesisRequest,
     UploadAck,
 )
+from collafuse.server.app import start_server
+from collafuse.server.policy import Policy, PolicyError
 from collafuse.v1 import collafuse_pb2 as pb
 from collafuse.v1 import collafuse_pb2_grpc as pb_grpc
 
@@ -55,6 +58,9 @@ def tiny_client_config(state_dir: Path, address: str, **extra: Any) -> ClientCon
             "insecure": True,
             "state_dir": str(state_dir),
             "cut_ratio": CUT_RATIO,
+            # Above the default 0.1, so that the tests of a lying server reach its lie; the
+            # client's own floor is tested with max_release_snr=0.1 below.
+            "max_release_snr": 1.0,
             "exit_when_done": True,
             "max_backoff_s": 1.0,
             "image": {"channels": 1, "size": 8},
@@ -199,6 +205,49 @@ def test_the_client_floor_holds_even_when_the_server_agrees(tmp_path: Path) -> N
     assert "max_release_snr" in status["last_error"] and "cut_ratio" in status["last_error"]
     assert fake.upload_calls == 0 and fake.upload_messages == 0
     assert ledger_summary(config) == (0, 0, 0, 0)
+
+
+@pytest.mark.timeout(120)
+def test_the_default_cut_passes_both_default_floors(tmp_path: Path) -> None:
+    """The defaults agree: the client's cut on the server's schedule (T=1000, linear) is within
+    both sides' max_release_snr, and a default client registers with a default server."""
+    client, server = ClientConfig(), ServerConfig()
+    assert (server.schedule.num_timesteps, server.schedule.beta_schedule) == (1000, "linear")
+    diffusion = Diffusion.from_config(server.schedule)
+    t_cut = diffusion.t_cut(client.cut_ratio)
+    snr = diffusion.snr(t_cut)
+    assert t_cut == 500 and snr == pytest.approx(0.0853, abs=1e-4)
+    assert snr <= client.max_release_snr and snr <= server.policy.max_release_snr
+    # The study's c = 0.3 (SNR 0.66), which the earlier default 1.0 admitted, is refused now.
+    policy = Policy(server.policy, server.image, diffusion)
+    with pytest.raises(PolicyError, match=r"above the policy limit 0\.1;"):
+        policy.check_registration(Registration(client.client_id, client.image.shape, 0.3))
+
+    # Over gRPC: only what a test needs differs from the defaults (where, and which data).
+    running = start_server(
+        server.model_copy(
+            update={"listen": "127.0.0.1:0", "data_dir": tmp_path / "server", "insecure": True}
+        )
+    )
+    daemon = None
+    try:
+        local = client.model_copy(
+            update={
+                "server": running.address,
+                "insecure": True,
+                "state_dir": tmp_path / "client",
+                "data": DataConfig(source="digits", limit=8),
+            }
+        )
+        daemon = ClientDaemon(local)
+        session = daemon.register()  # both floors checked: the server's and the client's own
+        assert (session.t_cut, session.release_snr) == (t_cut, snr)
+    finally:
+        if daemon is not None:
+            if daemon.remote is not None:
+                daemon.remote.close()
+            daemon.ledger.close()
+        running.stop()
 
 
 @pytest.mark.timeout(180)

@@ -76,7 +76,9 @@ def test_example_configs_load() -> None:
     server = load_config(ServerConfig, root / "server.example.toml")
     client = load_config(ClientConfig, root / "client.example.toml")
     assert server.image == client.image
-    assert client.cut_ratio == 0.3 and server.policy.max_release_snr == 1.0
+    assert (
+        client.cut_ratio == 0.5 and server.policy.max_release_snr == client.max_release_snr == 0.1
+    )
 
 
 def test_ema_update_moves_every_parameter_toward_the_model() -> None:

@@ -25,8 +25,8 @@ def test_the_python_api_example_runs_a_federation_and_exports_it(tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("server listening on 127.0.0.1:")
-    assert "client-0: uploaded 60 of 60 cut images at t_cut=20" in proc.stdout
-    assert "client-1: uploaded 60 of 60 cut images at t_cut=20" in proc.stdout
+    assert "client-0: uploaded 60 of 60 cut images at t_cut=25" in proc.stdout
+    assert "client-1: uploaded 60 of 60 cut images at t_cut=25" in proc.stdout
     assert "server: trained 10 steps" in proc.stdout
     assert lines[-2] == "a new server started from the export serves the exported weights: True"
 

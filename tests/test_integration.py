@@ -111,6 +111,12 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# The tiny configs cut at 0.4 of T = 50 (t_cut = 20, release SNR 0.23), which the default
+# max_release_snr of 0.1 refuses; both sides admit it explicitly so that the tests built on them
+# keep testing what they are about. The defaults themselves are tested in test_client_floor.py.
+TINY_MAX_RELEASE_SNR = 1.0
+
+
 def tiny_server_config(data_dir: Path, **train: Any) -> ServerConfig:
     return ServerConfig.model_validate(
         {
@@ -122,6 +128,7 @@ def tiny_server_config(data_dir: Path, **train: Any) -> ServerConfig:
             "model": TINY_SERVER_MODEL,
             "train": {"batch_size": 16, "publish_every": 1, "checkpoint_every": 5, **train},
             "sampler": {"max_batch": 64},
+            "policy": {"max_release_snr": TINY_MAX_RELEASE_SNR},
         }
     )
 
@@ -134,6 +141,7 @@ def tiny_client_config(state_dir: Path, address: str, index: int, **extra: Any) 
             "insecure": True,
             "state_dir": str(state_dir),
             "cut_ratio": 0.4,
+            "max_release_snr": TINY_MAX_RELEASE_SNR,
             "exit_when_done": True,
             "image": {"channels": 1, "size": 8},
             "data": {
