@@ -95,12 +95,14 @@ class ClientDaemon:
     def __init__(self, config: ClientConfig, stop: threading.Event | None = None) -> None:
         self.config = config
         self.paths = state_paths(config)
+        # The data first: a wrong data path must fail before a state dir, a secret and a
+        # ledger are made for a client that cannot run.
+        self.data = load_local_data(config.data, config.image)
         private_dir(config.state_dir)  # ledger, secret and checkpoints: this user's only
         self.secret = load_or_create_secret(self.paths["secret"])
         self.ledger = Ledger(self.paths["ledger"])
         self.stop_event = stop or threading.Event()
         self.status = ClientStatus(client_id=config.client_id, train_steps=config.train.steps)
-        self.data = load_local_data(config.data, config.image)
         self.status.images = int(self.data.images.shape[0])
         self.remote: Remote | None = None
         self.session: Session | None = None

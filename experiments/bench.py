@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -242,7 +242,7 @@ def default_settings(device: torch.device, quick: bool, model: str = "auto") -> 
 
 
 def bench_server_config(
-    s: BenchSettings, data_dir: Path, device: Literal["auto", "cpu", "cuda"], threads: int
+    s: BenchSettings, data_dir: Path, device: str, threads: int
 ) -> ServerConfig:
     """Insecure loopback on port 0, no auth, limits out of the way, the trainer idle."""
     return ServerConfig(
@@ -710,7 +710,7 @@ class Bench:
         self,
         settings: BenchSettings,
         work_dir: Path,
-        device: Literal["auto", "cpu", "cuda"] = "auto",
+        device: str = "auto",
         threads: int = 0,
         say: Say = print,
     ) -> None:
@@ -1442,7 +1442,7 @@ def _quiet_server_logs(verbose: bool) -> Iterator[None]:
 def run_bench(
     settings: BenchSettings,
     out: Path,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
+    device: str = "auto",
     threads: int = 0,
     say: Say = print,
     verbose: bool = False,

@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from collafuse.common.config import ConfigError, load_config
+from collafuse.common.config import DEVICE_CHOICES, ConfigError, check_device, load_config
 from collafuse.experiments.config import ExperimentConfig
 
 log = logging.getLogger("collafuse.experiments")
@@ -26,6 +26,14 @@ def require_extra(exc: ModuleNotFoundError) -> None:
             f"this command needs the experiments extra ({missing} is not installed): "
             "pip install 'collafuse[experiments]', or '.[experiments]' from a checkout"
         ) from None
+
+
+def _device(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (whether that GPU exists is checked at the start)."""
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, not {text!r}") from None
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +75,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="server UNet and image: tiny 16x16x1, server (the default UNet) 28x28x1, large "
         "(128,256,256,256) 32x32x3; auto: server on CPU, large on CUDA, tiny with --quick",
     )
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        metavar="DEVICE",
+        help=f"{DEVICE_CHOICES} (default auto); cuda and cuda:N refuse to run without that GPU",
+    )
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--reps", type=int, help="alternated repetitions per figure (default 3)")
     b.set_defaults(func=run_bench_command)

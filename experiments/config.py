@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from collafuse.common.config import UNetConfig
+from collafuse.common.config import DeviceName, UNetConfig
 
 ArmKind = Literal[
     "local", "local-size", "local-flops", "centralised", "fedavg", "collafuse", "heuristic"
@@ -129,8 +129,8 @@ class ExperimentConfig(_Frozen):
     """T."""
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """Noise schedule."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where models run."""
+    device: DeviceName = "auto"
+    """Where models run: auto, cpu, cuda or cuda:N."""
     threads: int = Field(default=0, ge=0)
     """torch CPU threads (0 keeps the default)."""
     arms: tuple[ArmKind, ...] = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -112,26 +113,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """Defaults < config file < COLLAFUSE_SERVER_* environment < --set < the dedicated flags."""
+    """Defaults < config file < COLLAFUSE_SERVER_* environment < --set < the dedicated flags.
+
+    The flags become `--set` overrides with their values as TOML basic strings (json.dumps
+    writes one), so a path keeps its backslashes and quotes exactly.
+    """
     overrides = list(args.set)
     if args.data_dir is not None:
-        overrides.append(f"data_dir={str(args.data_dir)!r}")
+        overrides.append(f"data_dir={json.dumps(str(args.data_dir))}")
     if args.listen is not None:
-        overrides.append(f"listen={args.listen!r}")
+        overrides.append(f"listen={json.dumps(args.listen)}")
     if args.insecure:
         overrides.append("insecure=true")
     if args.tls_cert is not None:
-        overrides.append(f"tls_cert={str(args.tls_cert)!r}")
+        overrides.append(f"tls_cert={json.dumps(str(args.tls_cert))}")
     if args.tls_key is not None:
-        overrides.append(f"tls_key={str(args.tls_key)!r}")
+        overrides.append(f"tls_key={json.dumps(str(args.tls_key))}")
     if args.tls_client_ca is not None:
-        overrides.append(f"tls_client_ca={str(args.tls_client_ca)!r}")
+        overrides.append(f"tls_client_ca={json.dumps(str(args.tls_client_ca))}")
     if args.tls_revoked is not None:
-        overrides.append(f"tls_revoked={str(args.tls_revoked)!r}")
+        overrides.append(f"tls_revoked={json.dumps(str(args.tls_revoked))}")
     if args.allow_insecure_remote:
         overrides.append("allow_insecure_remote=true")
     if args.device is not None:
-        overrides.append(f"device={args.device!r}")
+        overrides.append(f"device={json.dumps(args.device)}")
     return load_config(ServerConfig, args.config, overrides, env=os.environ)
 
 

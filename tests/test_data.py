@@ -342,3 +342,19 @@ def test_load_local_data_empty_share_is_a_clear_error() -> None:
     config = DataConfig(source="digits", num_clients=12, client_index=11)
     with pytest.raises(DataError, match="gets no images"):
         load_local_data(config, ImageConfig())
+
+
+def test_a_client_with_a_wrong_data_path_leaves_no_state_behind(tmp_path: Path) -> None:
+    from collafuse.client.daemon import ClientDaemon
+    from collafuse.common.config import ClientConfig
+
+    state = tmp_path / "client"
+    config = ClientConfig.model_validate(
+        {
+            "state_dir": str(state),
+            "data": {"source": "folder", "path": str(tmp_path / "nope")},
+        }
+    )
+    with pytest.raises(DataError, match="does not exist"):
+        ClientDaemon(config)
+    assert not state.exists()  # no secret, ledger or state dir for a client that cannot run

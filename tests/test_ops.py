@@ -409,3 +409,16 @@ def test_bad_log_format_is_a_usage_error(
     with pytest.raises(SystemExit) as usage:  # argparse's own usage error
         main(["--log-format", "xml", "config", "show", "--client"])
     assert usage.value.code == 2
+
+
+def test_server_flags_keep_paths_and_values_exactly(tmp_path: Path) -> None:
+    from collafuse.cli import build_parser
+    from collafuse.server.cli import server_config_from_args
+
+    odd = tmp_path / 'back\\slash "quoted" it\'s'
+    args = build_parser().parse_args(
+        ["server", "--data-dir", str(odd), "--tls-cert", str(odd / "c.pem"), "--device", "cpu"]
+    )
+    config = server_config_from_args(args)
+    assert str(config.data_dir) == str(odd) and str(config.tls_cert) == str(odd / "c.pem")
+    assert config.device == "cpu"

@@ -129,3 +129,15 @@ def test_committed_configs_load_and_plan(path: Path) -> None:
     config = load_config(ExperimentConfig, path)
     arms = plan(config)
     assert arms and len({a.key for a in arms}) == len(arms)
+
+
+def test_the_study_and_the_bench_take_a_gpu_index() -> None:
+    from collafuse.cli import build_parser
+
+    base = _config().model_dump()
+    assert ExperimentConfig.model_validate({**base, "device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ValueError, match="cuda:N"):
+        ExperimentConfig.model_validate({**base, "device": "gpu1"})
+    assert build_parser().parse_args(["bench", "--device", "cuda:2"]).device == "cuda:2"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--device", "cuda:x"])
