@@ -302,14 +302,19 @@ def _copying(mine: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         c = r["copying"]
         lines.append(f"| {_name(r)} | {_fmt_ci(c.get('own'))} | {_fmt_ci(c.get('other'))} |")
-    samples = rows[0]["copying"].get("samples")
+    c = rows[0]["copying"]
     lines += [
         "",
-        f"Share of a client's {samples} samples (all clients) whose nearest training image, in "
-        "the classifier's features, is nearer than its nearest held-out image of the same "
-        "client, with equally many of each: 0.5 means the samples copy nothing; above it they "
-        'reproduce training images. "another client\'s" above 0.5 would mean a client '
-        "receives copies of another client's images through the shared server.",
+        f"Share of the clients' {c.get('samples')} samples whose nearest training image of a "
+        "client, in the classifier's features, is nearer than its nearest held-out image of that "
+        "client. Training and held-out images are drawn alike from each client's share, so 0.5 "
+        "means the samples copy nothing. Each of "
+        f"{c.get('repetitions')} repetitions compares against a random half of each set; the "
+        "interval is the middle 95% of those repetitions (many samples share a few nearest "
+        "neighbours, so which images are in the sets moves the share most). Above 0.5 the "
+        'samples reproduce training images; "another client\'s" above 0.5 would mean a client '
+        "receives copies of another client's images through the shared server. The local-only "
+        "arms never saw another client's images: their column shows what no copying looks like.",
     ]
     return lines
 

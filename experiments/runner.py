@@ -23,9 +23,10 @@ __all__ = ["Arm", "ClientShare", "Study", "load_shares", "plan"]
 
 log = logging.getLogger("collafuse.experiments")
 
-SCORES = 2
+SCORES = 3
 """Which figures a saved arm holds; a saved arm made before the current figures is rescored.
-1: quality, cost, disclosure, membership. 2: adds copying (own and other clients' images)."""
+1: quality, cost, disclosure, membership. 2: adds copying (own and other clients' images).
+3: copying against random halves of the reference sets, repeated."""
 
 
 class Study:

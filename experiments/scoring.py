@@ -36,7 +36,7 @@ from collafuse.experiments.metrics import (
     reidentification_hits,
     ssim,
 )
-from collafuse.experiments.stats import fid_kid_ci, mean_ci, membership_ci
+from collafuse.experiments.stats import fid_kid_ci, mean_ci, membership_ci, spread
 
 ATTACK_SPAN = 0.3
 """The membership attack reads the loss on the lowest 30% of the timesteps a model owns: near
@@ -136,34 +136,51 @@ class Scorer:
         """How often client j's samples lie nearer to client k's training images than to k's
         held-out images (classifier features), for k = j ("own") and k != j ("other").
 
-        Each training set is cut to the size of its held-out set (a seeded draw), so a model
-        that copies nothing scores 0.5: its samples are as near to images it never saw as to
-        those it trained on. Above 0.5 its samples reproduce training images; "other" above
-        0.5 means one client receives copies of another client's images.
+        Training and held-out images of a client are drawn alike from its share, so a model
+        that copies nothing scores 0.5. Each repetition compares against a fresh random half
+        of the smaller set from each side: many samples share a few nearest neighbours, so
+        which images are in the reference sets moves the share far more than which samples
+        were drawn, and the interval (percentiles over the repetitions) says how much. Above
+        0.5 the samples reproduce training images; "other" above 0.5 means a client receives
+        copies of another client's images.
         """
         s = self.settings
         gen = torch.Generator().manual_seed(seed)
-        near: list[tuple[Tensor, Tensor]] = []  # per client k: (train, held-out) features
-        for train, test in zip(trains, tests, strict=True):
-            m = min(train.shape[0], test.shape[0])
-            pick = torch.randperm(train.shape[0], generator=gen)[:m]
-            near.append(
-                (
-                    extract_features(train[pick], self.features),
-                    extract_features(test[:m], self.features),
+        fake = [extract_features(x, self.features) for x in samples]
+        # Per (sample client j, reference client k): k, distances to k's training and
+        # held-out images, (n_j, N_train) and (n_j, N_test).
+        pairs: dict[str, list[tuple[int, Tensor, Tensor]]] = {"own": [], "other": []}
+        sizes: list[tuple[int, int]] = []
+        for k, (train, test) in enumerate(zip(trains, tests, strict=True)):
+            f_train = extract_features(train, self.features)
+            f_test = extract_features(test, self.features)
+            for j, f in enumerate(fake):
+                which = "own" if j == k else "other"
+                pairs[which].append((k, torch.cdist(f, f_train), torch.cdist(f, f_test)))
+            sizes.append((train.shape[0], test.shape[0]))
+        shares: dict[str, list[float]] = {"own": [], "other": []}
+        for _ in range(s.resamples):
+            picks = []  # per client k: (training, held-out) indices, half the smaller set
+            for a, b in sizes:
+                m = max(1, min(a, b) // 2)
+                picks.append(
+                    (torch.randperm(a, generator=gen)[:m], torch.randperm(b, generator=gen)[:m])
                 )
-            )
-        own: list[Tensor] = []
-        other: list[Tensor] = []
-        for j, x in enumerate(samples):
-            f = extract_features(x, self.features)
-            for k, (f_train, f_test) in enumerate(near):
-                closer = torch.cdist(f, f_train).amin(1) < torch.cdist(f, f_test).amin(1)
-                (own if j == k else other).append(closer)
-        out: dict[str, Any] = {"reference": 0.5, "samples": sum(x.shape[0] for x in samples)}
-        out["own"] = mean_ci(torch.cat(own), s.resamples, s.level, seed + 1).to_list()
-        if other:
-            out["other"] = mean_ci(torch.cat(other), s.resamples, s.level, seed + 2).to_list()
+            for which, found in pairs.items():
+                if found:
+                    hits = [
+                        d_train[:, picks[k][0]].amin(1) < d_test[:, picks[k][1]].amin(1)
+                        for k, d_train, d_test in found
+                    ]
+                    shares[which].append(float(torch.cat(hits).double().mean()))
+        out: dict[str, Any] = {
+            "reference": 0.5,
+            "samples": sum(x.shape[0] for x in samples),
+            "repetitions": s.resamples,
+        }
+        for which, values in shares.items():
+            if values:
+                out[which] = spread(torch.tensor(values), s.level).to_list()
         return out
 
     def reconstruction(

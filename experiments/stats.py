@@ -129,6 +129,12 @@ def fid_kid_ci(
     return QualityCI(Interval(fid, lo_f, hi_f), Interval(kid, lo_k, hi_k), m, n)
 
 
+def spread(values: Tensor, level: float) -> Interval:
+    """The mean of repeated estimates (R,) with the central `level` share of them around it."""
+    lo, hi = _percentiles(values.double().flatten(), level)
+    return Interval(float(values.double().mean()), lo, hi)
+
+
 def mean_ci(values: Tensor, resamples: int, level: float, seed: int) -> Interval:
     """Mean of per-image values (N,) (a rate, when they are 0/1) with its interval."""
     values = values.double().flatten()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from collafuse.common.config import load_config
 from collafuse.experiments.config import ExperimentConfig
-from collafuse.experiments.runner import plan
+from collafuse.experiments.runner import SCORES, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
@@ -87,7 +87,8 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
         for which in ("own", "other"):
             value, low, high = copying[which]
             assert 0.0 <= low <= value <= high <= 1.0, (r["key"], which)
-        assert copying["samples"] == 3 * 24 and r["scores"] == 2
+        assert copying["samples"] == 3 * 24 and copying["repetitions"] == 50
+        assert r["scores"] == SCORES
     split = [r for r in results if r["arm"] == "collafuse" and r["seed"] == 0]
     for r in split:
         d = r["disclosure"]

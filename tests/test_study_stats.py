@@ -118,13 +118,17 @@ def test_copying_tells_copies_from_images_never_seen() -> None:
         Diffusion(torch.linspace(1e-4, 0.02, 50).numpy()),
         Path("unused"),
     )
-    # Equal sets, so none is cut. Samples that are training images each lie on one, nearer
-    # than any held-out image; samples that are held-out images never lie nearer to a training
-    # image.
+    # Each repetition keeps a random half of each reference set. A sample that is a training
+    # image lies on it when it was kept (half the time) and is otherwise as near to the other
+    # training as to the held-out images: about 0.75. A held-out image mirrors that: 0.25.
     copies = scorer.copying([t[:10] for t in trains], trains, tests, seed=1)
-    assert copies["own"][0] == 1.0 and copies["samples"] == 30
+    assert copies["own"][0] > 0.65 and copies["samples"] == 30
     unseen = scorer.copying([t[:10] for t in tests], trains, tests, seed=1)
-    assert unseen["own"][0] == 0.0
+    assert unseen["own"][0] < 0.35
+    # Fresh images of the same kind copy nothing: 0.5 lies inside both intervals.
+    fresh = [(torch.rand((10, 1, 28, 28), generator=gen) + k) / 1.5 - 1 for k in range(3)]
+    null = scorer.copying(fresh, trains, tests, seed=1)
+    assert null["own"][1] < 0.5 < null["own"][2] and null["other"][1] < 0.5 < null["other"][2]
     for result in (copies, unseen):
         for which in ("own", "other"):
             value, low, high = result[which]
