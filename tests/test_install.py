@@ -131,6 +131,27 @@ def test_without_the_extras_the_commands_that_need_them_say_what_to_install(
     assert not (tmp_path / "run").exists()
 
 
+def test_without_the_extras_the_demo_says_how_to_get_its_fid(tmp_path: Path) -> None:
+    # The demo runs on the base install; only its FID needs the classifier's module.
+    code = BLOCK_EXTRAS + textwrap.dedent(
+        """
+        import torch
+        from collafuse.client.demo import QualityUnavailable, quality_line, score_samples
+        from collafuse.common.config import ClientConfig
+        try:
+            score_samples([ClientConfig()], {"client-0": torch.zeros(2, 1, 28, 28)})
+        except QualityUnavailable as exc:
+            print(quality_line({"skipped": str(exc)}))
+        """
+    )
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        "Quality: no FID (FID needs the experiments extra (torchmetrics is missing): "
+        "pip install 'collafuse[experiments]')."
+    )
+
+
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is usable here")
 def test_server_with_device_cuda_and_no_gpu_exits_2_saying_what_to_do(tmp_path: Path) -> None:
     proc = _collafuse(

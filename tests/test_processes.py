@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from collafuse.client.remote import Remote, open_channel
+from collafuse.common.config import ScheduleConfig
+from collafuse.common.diffusion import Diffusion
 from collafuse.common.domain import ServerStatus
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -183,8 +185,8 @@ def test_demo_tiny(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "collafuse", "demo", "--clients", "2", "--out", str(out),
             "--server-steps", "20", "--client-steps", "10", "--timesteps", "50",
-            "--images-per-client", "100", "--samples", "4", "--server-width", "8",
-            "--client-width", "4", "--batch-size", "8",
+            "--images-per-client", "100", "--samples", "4", "--fid-samples", "8",
+            "--server-width", "8", "--client-width", "4", "--batch-size", "8",
         ],
         capture_output=True, text=True, env=ENV, timeout=600,
     )  # fmt: skip
@@ -193,14 +195,33 @@ def test_demo_tiny(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["server"]["train_step"] == 20 and summary["server"]["model_version"] == 20
     assert summary["server"]["pool"] == {"client-0": 100, "client-1": 100}
+    # What the server saw: t_cut = round(0.5 * 50), at the SNR the schedule gives there.
+    snr = Diffusion.from_config(ScheduleConfig(num_timesteps=50)).snr(25)
+    assert summary["release"] == {
+        "T": 50, "t_cut": [25], "t_cut_over_T": [0.5], "snr": [round(snr, 4)],
+        "policy_max_release_snr": 0.1,
+    }  # fmt: skip
+    # Quality: 8 samples per client against each client's 5,000 held-out test images.
+    q = summary["quality"]
+    assert q["samples"] == 16 and q["real"] == 10_000
+    assert 0 < q["fid_reference"] < q["fid_pooled"] < 1e4
+    assert 0 <= q["own_class_rate"] <= 1 and q["own_class_chance"] == 0.5
+    assert q["classifier_test_accuracy"] > 0.85
     for c in summary["clients"]:
         assert c["images_released"] == 100
         assert c["bytes_uploaded"] == 100 * 28 * 28 * 4
         assert c["local_steps"] == 10
+        assert c["release_snr"] == round(snr, 4)
+        assert c["fid"] > 0 and 0 <= c["own_class_rate"] <= 1
         grid = Image.open(c["grid"])
         assert grid.size[0] > 28 and grid.mode == "L"
+        # The grid shows --samples of the 8 images synthesized for the FID.
         assert len(list(Path(c["grid"]).parent.glob("sample-*.png"))) == 4
-    assert (out / "summary.md").read_text().startswith("# CollaFuse demo summary")
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# CollaFuse demo summary")
+    assert f"release SNR abar/(1-abar) {snr:.3g}" in text and "t_cut/T 0.5" in text
+    assert f"pooled FID {q['fid_pooled']:.1f} of 16 samples against 10,000 held-out" in text
+    assert "pooled FID" in proc.stdout and "What the server saw" in proc.stdout
 
 
 def test_sighup_reloads_tokens_and_sigterm_exits_cleanly(
