@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,12 @@ class ServerSide:
     synth_s: float
     sampling_steps: int
     disclosure: dict[str, Any]
+    trainer: Trainer
+    """The resumed trainer: its hub serves the server's half again, and it draws Analytic-DPM's
+    Gamma_t from the cut images it holds."""
+    handoffs: dict[str, list[Tensor]] = field(default_factory=dict)
+    """Per sampler, hand-offs drawn again with it (the few-step comparison), kept for the other
+    client sizes at this cut."""
 
 
 class ArmRunner:
@@ -322,23 +328,28 @@ class ArmRunner:
         return result
 
     def _few_step_samplers(
-        self, arm: Arm, clients: list[nn.Module], handoff: list[Tensor], t_cut: int
+        self, arm: Arm, clients: list[nn.Module], server: ServerSide
     ) -> dict[str, Any]:
-        """Pooled FID when every client finishes its chain from the same hand-off in
-        eval.few_client_steps steps with DDIM, DDPM and Analytic-DPM (Gamma_t from the client's
-        own training images): what the client's sampler is worth at few steps."""
+        """Pooled FID when every client finishes its chain in eval.few_client_steps steps.
+
+        From the same hand-off: DDIM, DDPM and Analytic-DPM (Gamma_t from the client's own
+        training images) on the client's half. And with the sampler on both halves: the
+        server's half drawn again with DDPM and with Analytic-DPM (Gamma_t from the cut images
+        it trained on), then the client's with the same sampler. What the sampler is worth at
+        few client steps, and at the hand-off.
+        """
         steps = self.config.eval.few_client_steps
         shares = self.shares(arm.partition)
         tests = [s.test for s in shares]
         out: dict[str, Any] = {"steps": steps}
-        kinds: tuple[SamplerKind, ...] = ("ddim", "ddpm", "analytic")
-        for k, kind in enumerate(kinds):
-            samples = [
+
+        def finish(handoff: list[Tensor], kind: SamplerKind) -> list[Tensor]:
+            return [
                 finish_chain(
                     self.diffusion,
                     clients[i],
                     handoff[i],
-                    t_cut,
+                    server.t_cut,
                     steps,
                     kind,
                     0.0,
@@ -347,8 +358,51 @@ class ArmRunner:
                 )
                 for i in range(len(shares))
             ]
+
+        kinds: tuple[SamplerKind, ...] = ("ddim", "ddpm", "analytic")
+        for k, kind in enumerate(kinds):
+            samples = finish(server.handoff, kind)
             out[kind] = self.scorer.pooled_fid(arm.partition, tests, samples, arm.seed + 50 + k)
+        both: tuple[SamplerKind, ...] = ("ddpm", "analytic")
+        for k, kind in enumerate(both):
+            samples = finish(self._handoff(arm, server, kind), kind)
+            out[f"{kind}_both"] = self.scorer.pooled_fid(
+                arm.partition, tests, samples, arm.seed + 60 + k
+            )
         return out
+
+    def _handoff(self, arm: Arm, server: ServerSide, kind: SamplerKind) -> list[Tensor]:
+        """Every client's x_{t_cut} drawn by the server's batching sampler with `kind`, from
+        the same seeds as the study's hand-off; Analytic-DPM takes Gamma_t from the pool."""
+        if kind in server.handoffs:
+            return server.handoffs[kind]
+        cfg, T = self.config, self.config.num_timesteps
+        steps = self.diffusion.timesteps(T, server.t_cut, self._share(T - server.t_cut))
+        trainer = server.trainer
+        sampler = BatchingSampler(
+            self.diffusion, trainer.hub, 4096, self.device, gamma_samples=trainer.gamma_samples
+        )
+        jobs = [
+            sampler.submit(
+                cfg.eval.samples_per_client,
+                arm.seed + 100 + i,
+                steps,
+                kind,
+                0.0,
+                i,
+                self.image.shape,
+            )
+            for i in range(len(self.shares(arm.partition)))
+        ]
+        sampler.start()
+        try:
+            for job_list in jobs:
+                for job in job_list:
+                    job.done.wait()
+        finally:
+            sampler.stop()
+        server.handoffs[kind] = [torch.cat([_result(j) for j in group]).cpu() for group in jobs]
+        return server.handoffs[kind]
 
     def _steps(self, images: int, epochs: float) -> int:
         """Training steps for `epochs` passes over `images` images at the study's batch size."""
@@ -687,6 +741,7 @@ class ArmRunner:
             synth_s=float(meta["synth_s"]),
             sampling_steps=len(steps) - 1,
             disclosure=dict(meta["disclosure"]),
+            trainer=trainer,
         )
         self._servers = {name: side}  # keep one: a server model and its samples are large
         return side
@@ -732,9 +787,7 @@ class ArmRunner:
         client_synth_s = time.perf_counter() - started
         result = self._quality(arm, samples)
         if ev.few_client_steps:
-            result["few_step_samplers"] = self._few_step_samplers(
-                arm, clients, server.handoff, t_cut
-            )
+            result["few_step_samplers"] = self._few_step_samplers(arm, clients, server)
         result["t_cut"] = t_cut
         result["client_params"] = _params(client_cfg, self.image)
         result["disclosure"] = server.disclosure

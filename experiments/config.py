@@ -107,10 +107,11 @@ class StudyEval(_Frozen):
     """Timesteps per image of the loss-threshold membership attack: evenly spread over the
     lowest 30% of the chain the attacked model owns."""
     few_client_steps: int = Field(default=0, ge=0, le=1000)
-    """When above 0, every CollaFuse arm also finishes each client's chain from the same
-    hand-off in this many steps with DDIM, DDPM and Analytic-DPM (variance from the client's
-    own images) and reports their pooled FIDs. It adds figures only: no model changes, so it
-    is not part of the digest that keys finished arms."""
+    """When above 0, every CollaFuse arm also finishes each client's chain in this many steps
+    with DDIM, DDPM and Analytic-DPM from the same hand-off (variance from the client's own
+    images), and with DDPM and Analytic-DPM on both halves (the server's drawn again, its
+    variance from the cut images it holds), and reports their pooled FIDs. It adds figures
+    only: no model changes, so it is not part of the digest that keys finished arms."""
 
 
 class ExperimentConfig(_Frozen):

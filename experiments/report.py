@@ -328,20 +328,25 @@ def _few_step_samplers(mine: list[dict[str, Any]]) -> list[str]:
         "",
         "### The client's sampler at few steps",
         "",
-        "| arm | client steps | DDIM | DDPM | Analytic-DPM |",
-        "|---|---|---|---|---|",
+        "| arm | client steps | DDIM | DDPM | Analytic-DPM | DDPM, both halves | "
+        "Analytic-DPM, both halves |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["few_step_samplers"]
         lines.append(
             f"| {_name(r)} | {f['steps']} | {_fmt_ci(f.get('ddim'))} | {_fmt_ci(f.get('ddpm'))} "
-            f"| {_fmt_ci(f.get('analytic'))} |"
+            f"| {_fmt_ci(f.get('analytic'))} | {_fmt_ci(f.get('ddpm_both'))} | "
+            f"{_fmt_ci(f.get('analytic_both'))} |"
         )
     lines += [
         "",
-        "Pooled FID (95% interval) when each client finishes its chain from the same server "
-        "hand-off in that many steps; Analytic-DPM is DDPM's mean with the optimal variance, "
-        "Gamma_t estimated from the client's own training images.",
+        "Pooled FID (95% interval) when each client finishes its chain in that many steps. "
+        "The first three start from the study's server hand-off (drawn with the study's "
+        "sampler) and differ in the client's sampler; the last two draw the server's half again "
+        "with that sampler too, from the same seeds. Analytic-DPM is DDPM's mean with the "
+        "optimal variance: Gamma_t from the client's own training images on the client's half, "
+        "from the cut images it holds on the server's.",
     ]
     return lines
 

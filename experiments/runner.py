@@ -76,8 +76,9 @@ class Study:
         if result.get("digest") != self.digest(arm) or result.get("scores", 1) < SCORES:
             return None
         steps = self.config.eval.few_client_steps
+        few = result.get("few_step_samplers", {})
         wanted = arm.kind == "collafuse" and steps
-        if wanted and result.get("few_step_samplers", {}).get("steps") != steps:
+        if wanted and (few.get("steps") != steps or "analytic_both" not in few):
             return None
         return result
 

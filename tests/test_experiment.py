@@ -103,7 +103,8 @@ def test_smoke_study_report_and_resume(tmp_path: Path) -> None:
         assert (mia["members"], mia["non_members"]) == (3 * 96, 3 * 48)
         few = r["few_step_samplers"]
         assert few["steps"] == 3
-        assert all(few[k][1] <= few[k][2] and few[k][0] > 0 for k in ("ddim", "ddpm", "analytic"))
+        kinds = ("ddim", "ddpm", "analytic", "ddpm_both", "analytic_both")
+        assert all(few[k][1] <= few[k][2] and few[k][0] > 0 for k in kinds)
     assert not any("few_step_samplers" in r for r in results if r["arm"] != "collafuse")
     central = next(r for r in results if r["arm"] == "centralised")
     assert 0.0 <= central["disclosure"]["membership"]["auc"][0] <= 1.0
