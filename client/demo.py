@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,14 +156,23 @@ def _unet(width: int, levels: int, attention: bool) -> dict[str, Any]:
 ADMIN = "demo-admin"
 
 
-def provision(out: Path, clients: int) -> dict[str, dict[str, str]]:
-    """A CA, a server certificate for loopback and one kit per client plus an admin kit.
+def provision(
+    out: Path,
+    clients: int,
+    *,
+    server_hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+    dials: Mapping[str, str] | None = None,
+    ca_name: str = "CollaFuse demo CA",
+) -> dict[str, dict[str, str]]:
+    """A CA, a server certificate for `server_hosts` (its SANs) and one kit per client
+    (client-0, client-1, ...) plus an admin kit, as `collafuse pki` writes them.
 
+    dials: the server address an identity's kit names, by identity (pki's default otherwise).
     Returns the TLS settings for the server and for each identity, as config entries.
     """
     ca_dir = out / "pki" / "ca"
-    pki.init_ca(ca_dir, name="CollaFuse demo CA")
-    srv = pki.issue_server(ca_dir, ["127.0.0.1", "localhost"], out / "pki" / "server")
+    pki.init_ca(ca_dir, name=ca_name)
+    srv = pki.issue_server(ca_dir, list(server_hosts), out / "pki" / "server")
     tls = {
         "server": {
             "tls_cert": str(srv.cert),
@@ -172,7 +182,12 @@ def provision(out: Path, clients: int) -> dict[str, dict[str, str]]:
         }
     }
     for name in [f"client-{i}" for i in range(clients)] + [ADMIN]:
-        kit = pki.issue_client(ca_dir, name, out / "pki" / name)
+        address = (dials or {}).get(name)
+        kit = (
+            pki.issue_client(ca_dir, name, out / "pki" / name)
+            if address is None
+            else pki.issue_client(ca_dir, name, out / "pki" / name, server_address=address)
+        )
         tls[name] = {
             "tls_ca": str(kit.ca_cert),
             "tls_cert": str(kit.cert),

@@ -37,7 +37,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from collafuse.common import pki
 from collafuse.common.config import ConfigError
 
 if TYPE_CHECKING:
@@ -323,30 +322,20 @@ def link_counters(topo: Topology, host: Host) -> LinkCounters:
 
 
 def provision(out: Path, topo: Topology) -> dict[str, dict[str, str]]:
-    """A CA, a server certificate for the server's bridge address, a kit per client and one for
-    the demo's admin (who reads the server's status), as `collafuse pki` writes them.
-
-    Returns the TLS settings in the shape `collafuse.client.demo.write_configs` takes.
-    """
+    """The demo's identities (`collafuse.client.demo.provision`), the server certificate naming
+    the server's bridge address and each kit the address its client dials (its relay)."""
     from collafuse.client.demo import ADMIN
+    from collafuse.client.demo import provision as provision_identities
 
-    ca_dir = out / "pki" / "ca"
-    pki.init_ca(ca_dir, name="CollaFuse multi-host demo CA")
-    srv = pki.issue_server(ca_dir, [topo.server.address], out / "pki" / "server")
-    tls = {
-        "server": {
-            "tls_cert": str(srv.cert),
-            "tls_key": str(srv.key),
-            "tls_client_ca": str(srv.ca_cert),
-            "tls_revoked": str(ca_dir / pki.REVOKED),
-        }
-    }
     dials = {c.role: topo.relay_address(i) for i, c in enumerate(topo.clients)}
     dials[ADMIN] = f"{topo.server.address}:{SERVER_PORT}"
-    for name, address in dials.items():
-        kit = pki.issue_client(ca_dir, name, out / "pki" / name, server_address=address)
-        tls[name] = {"tls_ca": str(kit.ca_cert), "tls_cert": str(kit.cert), "tls_key": str(kit.key)}
-    return tls
+    return provision_identities(
+        out,
+        len(topo.clients),
+        server_hosts=[topo.server.address],
+        dials=dials,
+        ca_name="CollaFuse multi-host demo CA",
+    )
 
 
 # ----- the demo ------------------------------------------------------------------------------
