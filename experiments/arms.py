@@ -372,19 +372,24 @@ class ArmRunner:
         return out
 
     def _handoff(self, arm: Arm, server: ServerSide, kind: SamplerKind) -> list[Tensor]:
-        """Every client's x_{t_cut} drawn by the server's batching sampler with `kind`, from
-        the same seeds as the study's hand-off; Analytic-DPM takes Gamma_t from the pool."""
-        if kind in server.handoffs:
-            return server.handoffs[kind]
-        cfg, T = self.config, self.config.num_timesteps
-        steps = self.diffusion.timesteps(T, server.t_cut, self._share(T - server.t_cut))
-        trainer = server.trainer
+        """The study's hand-off drawn again with `kind` (kept for the other client sizes)."""
+        if kind not in server.handoffs:
+            T = self.config.num_timesteps
+            steps = self.diffusion.timesteps(T, server.t_cut, self._share(T - server.t_cut))
+            server.handoffs[kind] = self._server_half(arm, server.trainer, steps, kind)
+        return server.handoffs[kind]
+
+    def _server_half(
+        self, arm: Arm, trainer: Trainer, steps: list[int], kind: SamplerKind
+    ) -> list[Tensor]:
+        """Every client's x_{t_cut}: one request per client through the server's batching
+        sampler at once, seeded per client; Analytic-DPM takes Gamma_t from the trainer's pool."""
         sampler = BatchingSampler(
             self.diffusion, trainer.hub, 4096, self.device, gamma_samples=trainer.gamma_samples
         )
         jobs = [
             sampler.submit(
-                cfg.eval.samples_per_client,
+                self.config.eval.samples_per_client,
                 arm.seed + 100 + i,
                 steps,
                 kind,
@@ -401,8 +406,7 @@ class ArmRunner:
                     job.done.wait()
         finally:
             sampler.stop()
-        server.handoffs[kind] = [torch.cat([_result(j) for j in group]).cpu() for group in jobs]
-        return server.handoffs[kind]
+        return [torch.cat([_result(j) for j in group]).cpu() for group in jobs]
 
     def _steps(self, images: int, epochs: float) -> int:
         """Training steps for `epochs` passes over `images` images at the study's batch size."""
@@ -680,29 +684,9 @@ class ArmRunner:
             train_s = time.perf_counter() - started
             trainer.save()  # the last steps too: a resumed study reloads this exact model
             trainer.hub.publish(trainer.ema.state_dict(), trainer.step)
-            # Every client's request through the server's batching sampler at once.
-            ev = cfg.eval
-            sampler = BatchingSampler(self.diffusion, trainer.hub, 4096, self.device)
             started = time.perf_counter()
-            jobs = [
-                sampler.submit(
-                    ev.samples_per_client,
-                    arm.seed + 100 + i,
-                    steps,
-                    ev.sampler,
-                    0.0,
-                    i,
-                    self.image.shape,
-                )
-                for i in range(n)
-            ]
-            sampler.start()
-            for job_list in jobs:
-                for job in job_list:
-                    job.done.wait()
-            sampler.stop()
+            handoff = self._server_half(arm, trainer, steps, cfg.eval.sampler)
             synth_s = time.perf_counter() - started
-            handoff = [torch.cat([_result(j) for j in jobs[i]]).cpu() for i in range(n)]
             model = trainer.ema.eval()
             disclosure = self._disclosure(arm.partition, t_cut, cuts, model, arm.seed)
             shares = self.shares(arm.partition)
