@@ -16,12 +16,12 @@ from collafuse.common.config import ClientConfig, ScheduleConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
 from collafuse.common.export import client_target, warm_start_state
 from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters
-from collafuse.common.training import TrainLoop
+from collafuse.common.training import OnLoop, TrainLoop
 
 log = logging.getLogger("collafuse.client.trainer")
 
 
-class LocalTrainer:
+class LocalTrainer(OnLoop):
     """Trains with the eps loss on t in (t_floor, t_cut]; resumes from its atomic checkpoint.
 
     A client uses t_floor = 0. Studies reuse it for full-chain baselines (t_cut = T), optionally
@@ -107,21 +107,6 @@ class LocalTrainer:
             },
             self.checkpoint_path,
         )
-
-    @property
-    def step(self) -> int:
-        """Training steps taken (skipped ones included)."""
-        return self.loop.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        # Studies set it to draw distinct batches in each round of a federated run.
-        self.loop.step = value
-
-    @property
-    def last_loss(self) -> float:
-        """The loss of the last step that was not skipped."""
-        return self.loop.last_loss
 
     def train_step(self, images: Tensor, labels: Tensor | None = None) -> float:
         """One AdamW step of the eps loss on a random batch, t uniform in (t_floor, t_cut].

@@ -171,3 +171,24 @@ class TrainLoop:
         load_optimizer(self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self.last_loss = float(state.get("last_loss", math.nan))
+
+
+class OnLoop:
+    """A trainer's step counter and last loss, kept by its TrainLoop (`self.loop`)."""
+
+    loop: TrainLoop
+
+    @property
+    def step(self) -> int:
+        """Training steps taken (skipped ones included)."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        # Studies set it to draw distinct batches in each round of a federated run.
+        self.loop.step = value
+
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last step that was not skipped (NaN before the first)."""
+        return self.loop.last_loss

@@ -29,7 +29,7 @@ from collafuse.common.config import ServerConfig, config_record
 from collafuse.common.diffusion import Diffusion, TimestepSampler
 from collafuse.common.files import private_dir
 from collafuse.common.nets import UNetDenoiser, build_unet, count_parameters
-from collafuse.common.training import TrainLoop, load_optimizer
+from collafuse.common.training import OnLoop, TrainLoop, load_optimizer
 from collafuse.server.pool import Pool
 from collafuse.server.training_set import TrainingSet, memory_budget
 
@@ -174,7 +174,7 @@ def build_server_unet(config: ServerConfig) -> nn.Module:
     return build_unet(config.model, config.image, num_class_embeds=config.policy.max_clients + 1)
 
 
-class Trainer:
+class Trainer(OnLoop):
     """Trains on the pool in a thread; resumes from and writes atomic checkpoints."""
 
     def __init__(
@@ -528,20 +528,6 @@ class Trainer:
         return GammaDraw(x_t, ok)
 
     # ----- training --------------------------------------------------------------------------
-
-    @property
-    def step(self) -> int:
-        """Training steps taken (skipped ones included); the model version it publishes."""
-        return self.loop.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loop.step = value
-
-    @property
-    def last_loss(self) -> float:
-        """The loss of the last step that was not skipped (NaN before the first)."""
-        return self.loop.last_loss
 
     @property
     def nonfinite_steps(self) -> int:

@@ -184,15 +184,16 @@ class TrainingSet:
 
     def add(self, cuts: Tensor, t_cut: Tensor, labels: Tensor) -> None:
         """Hold rows that come from no pool (a benchmark, a test), whatever the budget."""
+        t_cuts, clients = t_cut.long().cpu().numpy(), labels.long().cpu().numpy()
         with self._lock:
             first = self._last_seq + 1
             seq = np.arange(first, first + cuts.shape[0], dtype=np.int64)
             self._shape = self._shape or tuple(cuts.shape[1:])
             self._seq = np.concatenate([self._seq, seq])
-            self._t_cut = np.concatenate([self._t_cut, t_cut.long().cpu().numpy()])
-            self._labels = np.concatenate([self._labels, labels.long().cpu().numpy()])
+            self._t_cut = np.concatenate([self._t_cut, t_cuts])
+            self._labels = np.concatenate([self._labels, clients])
             self._last_seq = int(seq[-1]) if len(seq) else self._last_seq
-            self._append(seq, cuts, t_cut.long().cpu().numpy(), labels.long().cpu().numpy())
+            self._append(seq, cuts, t_cuts, clients)
 
     def _lookup(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """t_cut and client index of indexed rows, by sequence number."""
