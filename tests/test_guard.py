@@ -29,7 +29,10 @@ from collafuse.server.policy import (
     PolicyError,
     chi2_quantile,
     cut_bounds,
+    excess_kurtosis,
+    measure_noise_std,
     nearest_other,
+    noise_below,
 )
 from collafuse.server.trainer import Trainer, all_finite
 
@@ -249,6 +252,43 @@ def test_bounds_hold_for_extreme_honest_images() -> None:
     assert float(xc.var(dim=1, correction=0).max()) < b.var_high
     assert float(cut(T50, torch.ones(4096, 1, 8, 8), T_CUT).mean(dim=(1, 2, 3)).max()) < b.mean
     assert KURTOSIS_MIN_PIXELS <= 256 * 64
+
+
+@pytest.mark.parametrize("size", [8, 28])
+def test_noise_below_decides_as_the_noise_estimate_does(digits: Tensor, size: int) -> None:
+    """The counting test agrees with `measure_noise_std(x) < floor` image by image, at floors
+    on both sides of every estimate: honest cuts, clean images and half-noised ones."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.nn.functional.interpolate(digits[:200], size=(size, size), mode="bilinear")
+    sigma = math.sqrt(1.0 - T50.alpha_bar(T_CUT))
+    images = torch.cat(
+        [
+            cut(T50, x0, T_CUT, seed=4),
+            x0,
+            x0 + 0.5 * sigma * torch.randn(x0.shape, generator=gen),
+        ]
+    )
+    estimate = measure_noise_std(images)
+    # Floors between neighbouring estimates (the two differ in float32 rounding only when a
+    # floor meets an estimate exactly), from the lowest to the highest.
+    levels = torch.unique(estimate)
+    between = (levels[1:] + levels[:-1]) / 2
+    picks = torch.linspace(0, between.numel() - 1, 9).long()
+    for floor in [0.0, *between[picks].tolist(), 9.0]:
+        assert torch.equal(noise_below(images, floor), estimate < floor), floor
+    assert bool(noise_below(images, 0.7 * sigma)[200:400].all())  # clean images fall below
+
+
+def test_excess_kurtosis_matches_float64() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for values in (
+        torch.randn(300, 784, generator=gen) * 0.3 + 0.8,
+        torch.rand(64, 64, generator=gen) * 2 - 1,
+        torch.distributions.Laplace(0.0, 1.0).sample((20, 500)),
+    ):
+        d = values.double() - values.double().mean()
+        exact = float(d.pow(4).mean() / d.square().mean().square() - 3.0)
+        assert excess_kurtosis(values) == pytest.approx(exact, abs=1e-4)
 
 
 # ----- the trainer never takes, keeps, saves or publishes a non-finite step ---------------------
