@@ -19,16 +19,19 @@ _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 
 
-def open_database(path: Path, schema: str) -> sqlite3.Connection:
+def open_database(path: Path, schema: str, page_size: int | None = None) -> sqlite3.Connection:
     """Open (creating) a database for use from several threads behind the caller's lock.
 
     WAL with synchronous=FULL: once a transaction commits it survives a SIGKILL or a power
     loss, so whatever a side acknowledges is on disk first. Autocommit mode (isolation_level
     None) leaves BEGIN/COMMIT to the caller. The directory is made 0700 and the files 0600.
+    `page_size` applies to a new database only (an existing one keeps its own).
     """
     # SQLite gives its -wal and -shm files the database file's mode: create it 0600 first.
     create_private_file(path)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    if page_size is not None:
+        db.execute(f"PRAGMA page_size={int(page_size)}")  # before WAL, which fixes it
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(schema)
