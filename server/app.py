@@ -104,6 +104,7 @@ class RunningServer:
             log.exception("gRPC shutdown did not finish; continuing")
         self.trainer.stop()
         self.sampler.stop()
+        self.service.close()
         self.pool.close()
         self.audit.close()
         self._loop.close()

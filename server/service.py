@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,13 @@ class CollaFuseService:
         self.schedule = ScheduleInfo(config.schedule, diffusion.hash)
         self.started = time.monotonic()
         self.counters = Counters()
+        # Upload commits run here, beside the streams' checks; one thread, as SQLite has one
+        # writer (the pool's lock serialises them anyway).
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-writer")
+
+    def close(self) -> None:
+        """Wait for the upload commits in progress (call before closing the pool)."""
+        self.writer.shutdown(wait=True)
 
     def _registered(self, client_id: str) -> ClientRecord:
         record = self.pool.client(client_id)
@@ -230,18 +238,20 @@ class CollaFuseService:
 
 
 UPLOAD_COMMIT_BYTES = 16 << 20
-"""An UploadCuts stream commits its checked images once this many bytes wait, and at its end:
-one fsync per 16 messages instead of one each. The stream is answered only after its last
-commit, so nothing it acknowledges can be lost, and at most this much waits in memory."""
+"""An upload stream waits for its commit in progress once this many more checked bytes queue
+behind it, so at most about twice this much waits in memory per stream."""
 
 
 @dataclass
 class UploadStream:
-    """One upload stream: every message is checked as it arrives, and stored in group commits.
+    """One upload stream: every message is checked as it arrives and stored in group commits.
 
-    UploadCuts answers once, at the end, so its messages are committed together (every
-    UPLOAD_COMMIT_BYTES and before the answer); Upload acknowledges each message, so each is
-    committed before its acknowledgement.
+    Commits run on the service's writer thread while the stream checks its next messages: the
+    first checked message is committed at once, and whatever is checked meanwhile goes into
+    the next commit (one fsync for many messages, and none on the checking thread's path).
+    UploadCuts answers once, after `finish` has committed the rest; Upload acknowledges each
+    message only after its commit. Either way nothing is acknowledged before it is durable.
+    Calls come one at a time (the servicer awaits each); only the writer runs beside them.
     """
 
     service: CollaFuseService
@@ -256,10 +266,16 @@ class UploadStream:
     # Checked images not yet committed: (ids, cuts) per message, and their bytes.
     _waiting: list[tuple[list[str], Tensor]] = field(default_factory=list)
     _waiting_bytes: int = 0
+    # The commit on the writer thread, and how many images it carries.
+    _writing: Future[tuple[list[str], int, int]] | None = None
+    _writing_count: int = 0
+    # The client's pool as of this stream's last commit (counted once: a COUNT per message
+    # costs more the more the client holds). Other streams' commits since are not in it.
+    _held: int | None = None
 
     def add(self, batch: CutBatch, commit: bool = False) -> None:
-        """Check one message's cut images and queue them; commit now when `commit` or when
-        UPLOAD_COMMIT_BYTES wait."""
+        """Check one message's cut images and queue them for a commit; with `commit`, return
+        only once they are durable."""
         svc = self.service
         if self.client_id and batch.client_id != self.client_id:
             raise PolicyError(Refusal.INVALID_ARGUMENT, "one upload stream carries one client")
@@ -268,6 +284,7 @@ class UploadStream:
             self.record = svc._registered(batch.client_id)
             self.client_id = batch.client_id
         verdicts = svc.policy.check_batch(batch, self.record.t_cut)
+        n = len(verdicts)
         keep = [i for i, v in enumerate(verdicts) if v is None]
         self.rejections += [
             (batch.image_ids[i], v) for i, v in enumerate(verdicts) if v is not None
@@ -284,8 +301,11 @@ class UploadStream:
         self.pool_size = None
         if not keep:
             return
-        waiting = sum(len(ids) for ids, _ in self._waiting)
-        held = svc.pool.count(self.client_id) + waiting
+        if self._writing is not None and self._writing.done():
+            self._collect()
+        if self._held is None:
+            self._held = svc.pool.count(self.client_id)
+        held = self._held + self._writing_count + sum(len(ids) for ids, _ in self._waiting)
         quota = svc.config.policy.max_images_per_client
         if held + len(keep) > quota:
             raise PolicyError(
@@ -293,32 +313,55 @@ class UploadStream:
                 f"client {self.client_id} holds {held} images; {len(keep)} more exceed the quota "
                 f"of {quota} (policy.max_images_per_client)",
             )
-        cuts = batch.cuts[keep]
+        cuts = batch.cuts if len(keep) == n else batch.cuts[keep]
         self._waiting.append(([batch.image_ids[i] for i in keep], cuts))
         self._waiting_bytes += cuts.numel() * cuts.element_size()
-        if commit or self._waiting_bytes >= UPLOAD_COMMIT_BYTES:
-            self.commit(held - waiting)
+        if commit:
+            self.flush()
+        elif self._writing is None:
+            self._start()
+        elif self._waiting_bytes >= UPLOAD_COMMIT_BYTES:
+            self._collect()
+            self._start()
 
-    def commit(self, held: int | None = None) -> None:
-        """Store every waiting image in one transaction; `held`: the pool's count before."""
-        if not self._waiting or self.record is None:
-            return
-        svc = self.service
+    def flush(self) -> None:
+        """Return once every image queued so far is committed."""
+        if self._writing is not None:
+            self._collect()
+        if self._waiting:
+            self._start()
+            self._collect()
+
+    def _start(self) -> None:
+        """Hand every waiting image to the writer thread as one transaction."""
+        assert self.record is not None and self._writing is None
         ids = [i for part, _ in self._waiting for i in part]
-        cuts = torch.cat([c for _, c in self._waiting])
-        if held is None:
-            held = svc.pool.count(self.client_id)
-        try:
-            a, d = svc.pool.add(self.client_id, self.record.t_cut, ids, cuts)
-        except DiskFullError as exc:
-            # Nothing of these messages was stored; every message acknowledged before is kept.
-            raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
+        parts = [c for _, c in self._waiting]
+        cuts = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._waiting.clear()
         self._waiting_bytes = 0
+        pool, client_id, t_cut = self.service.pool, self.client_id, self.record.t_cut
+
+        def store() -> tuple[list[str], int, int]:
+            return ids, *pool.add(client_id, t_cut, ids, cuts)
+
+        self._writing = self.service.writer.submit(store)
+        self._writing_count = len(ids)
+
+    def _collect(self) -> None:
+        """Wait for the commit in progress and count what it stored."""
+        assert self._writing is not None and self._held is not None
+        writing, self._writing = self._writing, None
+        self._writing_count = 0
+        try:
+            ids, a, d = writing.result()
+        except DiskFullError as exc:
+            # Nothing of that commit was stored; every message acknowledged before is kept.
+            raise PolicyError(Refusal.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
         self.accepted += a
         self.duplicate += d
         self.acknowledged += ids
-        self.pool_size = held + a  # as of this commit: no second COUNT for the acknowledgement
+        self._held = self.pool_size = self._held + a  # as of this commit: no second COUNT
 
     def acknowledge(self, index: int, batch: CutBatch) -> UploadAck:
         """Store one message (as `add`) and answer for it alone, with a receipt."""
@@ -342,7 +385,7 @@ class UploadStream:
 
     def finish(self) -> UploadResult:
         """Commit what waits, then the answer, with a receipt for every image it acknowledged."""
-        self.commit()
+        self.flush()
         svc = self.service
         svc.counters.accepted += self.accepted
         svc.counters.rejected += len(self.rejections)
