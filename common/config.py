@@ -230,7 +230,7 @@ class SamplerConfig(_Frozen):
     waits a step is kept small (interactive_batch) so that it is not slowed by large ones."""
     interactive_batch: int = Field(default=0, ge=0)
     """Samples per step while an interactive request waits (more if the interactive requests
-    alone need more); 0 picks by device: 16 on a CPU, 128 on a GPU."""
+    alone need more); 0 picks by device: 4 on a CPU, 128 on a GPU."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The network's precision during synthesis: bf16 runs it under bfloat16 autocast (the
     schedule arithmetic stays float32); auto takes bf16 on CUDA and fp32 elsewhere."""
