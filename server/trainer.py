@@ -473,7 +473,7 @@ class Trainer(OnLoop):
     def refresh(self) -> int:
         """Pull cut images that arrived since the last refresh; returns the pool size."""
         with self._data_lock:
-            for label in self.data.refresh():
+            for label in self.data.refresh(self.step):
                 self.trained_since.setdefault(label, self.step)
             return self.data.size
 

@@ -157,14 +157,15 @@ class TrainingSet:
 
     # ----- growing -----------------------------------------------------------------------------
 
-    def refresh(self) -> list[int]:
+    def refresh(self, step: int = 0) -> list[int]:
         """Index rows that arrived since the last refresh, reading their pixels while the pool
-        fits the budget; returns the client indices that gained rows."""
+        fits the budget; returns the client indices that gained rows. `step`: the trainer's
+        step, from which a loader started now numbers its passes."""
         if self.pool is None:
             return []
         with self._lock:
             if self.streaming and (self._loader is None or not self._loader.is_alive()):
-                self._start_loader()  # a loader that failed is started again
+                self._start_loader(step)  # a loader that failed is started again
             index = self.pool.index_since(self._last_seq)
             if not len(index.seq):
                 return []
@@ -179,7 +180,7 @@ class TrainingSet:
                     seq, cuts = self.pool.read_cuts(index.seq, self._shape or ())
                     self._append(seq, cuts, *self._lookup(seq))
                 else:
-                    self._begin_streaming()
+                    self._begin_streaming(step)
             return sorted({int(x) for x in np.unique(index.client_index)})
 
     def add(self, cuts: Tensor, t_cut: Tensor, labels: Tensor) -> None:
@@ -216,14 +217,14 @@ class TrainingSet:
         )
         self._account(added.nbytes)
 
-    def _begin_streaming(self) -> None:
+    def _begin_streaming(self, step: int) -> None:
         """The pool outgrew the budget: keep a random chunk's worth of what is held, and start
         reading shuffled chunks from disk."""
         self.streaming = True
         rows = self.chunk_rows
         held = self._chunk
         if len(held) > rows:
-            gen = np.random.default_rng((self.seed, 0x5EED))
+            gen = np.random.default_rng((self.seed, step, 0x5EED))
             mask = np.zeros(len(held), dtype=bool)
             mask[gen.choice(len(held), size=rows, replace=False)] = True
             self._chunk = held.keep(mask)
@@ -237,16 +238,23 @@ class TrainingSet:
             self.memory_bytes / 2**20,
             rows,
         )
-        self._start_loader()
+        self._start_loader(step)
 
     # ----- streaming ---------------------------------------------------------------------------
 
-    def _start_loader(self) -> None:
-        self._loader = threading.Thread(target=self._load, name="pool-loader", daemon=True)
+    def _start_loader(self, step: int) -> None:
+        self._loader = threading.Thread(
+            target=self._load, args=(step,), name="pool-loader", daemon=True
+        )
         self._loader.start()
 
-    def _load(self) -> None:
-        """Read chunk after chunk, in a fresh order for each pass over the pool, until stop."""
+    def _load(self, step: int) -> None:
+        """Read chunk after chunk, in a fresh order for each pass over the pool, until stop.
+
+        The orders are seeded by (seed, step, pass): a loader started again, after a restart
+        or a resume at a later step, takes fresh orders instead of replaying the first chunks
+        of pass 0, which frequent restarts would otherwise train on again and again.
+        """
         holding = False
         try:
             for epoch in range(2**62):
@@ -254,7 +262,7 @@ class TrainingSet:
                     seqs = self._seq.copy()
                 if not len(seqs) and self._stop.wait(_WAIT_S):  # all forgotten: wait for more
                     return
-                order = np.random.default_rng((self.seed, epoch)).permutation(len(seqs))
+                order = np.random.default_rng((self.seed, step, epoch)).permutation(len(seqs))
                 rows = self.chunk_rows
                 for start in range(0, len(seqs), rows):
                     if not self._acquire_slot():

@@ -128,6 +128,30 @@ def test_forget_while_streaming_drops_the_rows_at_once_and_from_later_chunks(poo
         pool.close()
 
 
+def first_chunk(pool: Pool, step: int) -> set[int]:
+    """The images of the first chunk a loader started at the trainer's `step` reads."""
+    data = streaming_set(pool, chunk_rows=100)
+    try:
+        data.refresh(step)
+        data.batch(16, torch.Generator().manual_seed(0))  # waits for the first chunk
+        return {int(v) for v in data.held().cuts[:, 0, 0, 0].tolist()}
+    finally:
+        data.close()
+
+
+def test_a_loader_started_at_a_later_step_takes_a_fresh_order(pool: Pool) -> None:
+    """A resumed or restarted trainer does not replay pass 0's first chunks; the same step
+    gives the same order."""
+    try:
+        at_zero = first_chunk(pool, 0)
+        assert len(at_zero) == 100
+        assert first_chunk(pool, 0) == at_zero
+        later = [first_chunk(pool, step) for step in (1000, 2000)]
+        assert all(chunk != at_zero for chunk in later) and later[0] != later[1]
+    finally:
+        pool.close()
+
+
 def test_a_damaged_row_fails_the_draw_and_streaming_resumes_once_it_is_gone(
     pool: Pool, tmp_path: Path
 ) -> None:
