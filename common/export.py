@@ -224,6 +224,24 @@ def _ema_unet(
     return model.eval().requires_grad_(False)
 
 
+def _source(
+    kind: Literal["server-checkpoint", "client-checkpoint"],
+    path: Path,
+    step: int,
+    ckpt: _Checkpoint,
+    version: str | None,
+) -> Source:
+    """The manifest's record of the checkpoint the weights came from."""
+    return Source(
+        kind=kind,
+        path=str(path),
+        step=step,
+        sha256=ckpt.sha256,
+        checksum_verified=ckpt.verified,
+        code_version=version,
+    )
+
+
 def _config_record(state: Mapping[str, Any], path: Path) -> tuple[Mapping[str, Any], str | None]:
     record = state.get("record")
     config = record.get("config") if isinstance(record, dict) else None
@@ -283,14 +301,7 @@ def server_model(path: Path) -> tuple[nn.Module, ExportManifest]:
             "token that samples the mixture of all clients",
             trained_labels=trained,
         ),
-        source=Source(
-            kind="server-checkpoint",
-            path=str(path),
-            step=step,
-            sha256=ckpt.sha256,
-            checksum_verified=ckpt.verified,
-            code_version=version,
-        ),
+        source=_source("server-checkpoint", path, step, ckpt, version),
         exported_at=_now(),
     )
     return model, manifest
@@ -342,14 +353,7 @@ def client_model(path: Path) -> tuple[nn.Module, ExportManifest]:
             if labels is None
             else "the local class label of each image",
         ),
-        source=Source(
-            kind="client-checkpoint",
-            path=str(path),
-            step=step,
-            sha256=ckpt.sha256,
-            checksum_verified=ckpt.verified,
-            code_version=version,
-        ),
+        source=_source("client-checkpoint", path, step, ckpt, version),
         exported_at=_now(),
     )
     return model, manifest
