@@ -77,6 +77,13 @@ def draws_noise(kind: SamplerKind, eta: float) -> bool:
     return kind != "ddim" or eta != 0.0
 
 
+def _checkable(t: Tensor) -> bool:
+    """Whether the argument checks may read `t`'s values: only on the host. Reading values back
+    would stall an accelerator at every step; the sampler and trainer draw device timesteps
+    from lists and ranges already checked on the host."""
+    return t.device.type == "cpu"
+
+
 class Diffusion:
     """The schedule and every formula on it; server and client share one and pass their model."""
 
@@ -125,10 +132,7 @@ class Diffusion:
         return self.num_timesteps
 
     def _check_range(self, t: Tensor, low: int) -> None:
-        # Reading values back to the host would stall an accelerator at every step, so only
-        # CPU tensors are checked; the sampler and trainer draw device timesteps from lists
-        # and ranges already checked on the host.
-        if t.device.type != "cpu":
+        if not _checkable(t):
             return
         if t.numel() and (int(t.min()) < low or int(t.max()) > self.num_timesteps):
             raise ValueError(f"timesteps must lie in {low}..{self.num_timesteps}")
@@ -162,7 +166,7 @@ class Diffusion:
         """
         self._check_range(c, 0)
         self._check_range(t, 1)
-        if t.device.type == "cpu" and bool((t <= c).any()):
+        if _checkable(t) and bool((t <= c).any()):
             raise ValueError("renoise needs t > c for every sample")
         r = self._abar_at(t) / self._abar_at(c)
         return self._coef(r.sqrt(), x_c) * x_c + self._coef((1 - r).sqrt(), x_c) * noise
@@ -176,7 +180,7 @@ class Diffusion:
         """
         self._check_range(s, 0)
         self._check_range(t, 1)
-        if t.device.type == "cpu" and bool((s >= t).any()):
+        if _checkable(t) and bool((s >= t).any()):
             raise ValueError("bridge needs s < t for every sample")
         ab_s, ab_t = self._abar_at(s), self._abar_at(t)
         r = ab_t / ab_s
@@ -411,8 +415,7 @@ class TimestepSampler:
         """
         low = low.long()
         hi = torch.as_tensor(high, dtype=torch.long, device=low.device).expand_as(low)
-        # Checked on the host only: reading device values back would stall every step.
-        if low.device.type == "cpu" and (
+        if _checkable(low) and (
             bool((hi <= low).any()) or int(hi.max()) > self.num_timesteps or int(low.min()) < 0
         ):
             raise ValueError("need 0 <= low < high <= T for every sample")
