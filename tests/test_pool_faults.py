@@ -264,6 +264,14 @@ class FullServer:
         assert result.accepted == 32, result.rejections[:1]
         return ids, xc
 
+    def batch(self, k: int, n: int = 32) -> CutBatch:
+        """A message of n honest cut images with ids k-0 .. k-(n-1)."""
+        t_cut = self.session.t_cut
+        x0 = torch.rand(n, 1, 8, 8, generator=self.gen) * 2 - 1
+        noise = torch.randn(x0.shape, generator=self.gen)
+        xc = self.diffusion.q_sample(x0, torch.full((n,), t_cut), noise)
+        return CutBatch("c", t_cut, [f"{k}-{i}" for i in range(n)], xc)
+
     def fill_up(self) -> tuple[list[tuple[list[str], torch.Tensor]], grpc.RpcError]:
         """Upload until the server refuses: what it acknowledged, and the refusal."""
         fill(self.filler, limit=256 * 1024)
@@ -307,6 +315,46 @@ def test_full_disk_through_the_server(tmp_path: Path) -> None:
             acked += [server.upload(k) for k in range(400, 403)]
             status = server.remote.status(timeout=TIMEOUT)
             assert [(p.client_id, p.num_images) for p in status.pools] == [("c", 32 * len(acked))]
+        finally:
+            server.close()
+
+
+@pytest.mark.timeout(300)
+def test_many_message_streams_on_a_filling_disk(tmp_path: Path) -> None:
+    """Streams of many messages, their commits on the writer thread: an acknowledged stream
+    keeps every message it acknowledged; a stream answered at the end fails as a whole and,
+    once space is back, sending it again stores the rest."""
+    with tmpfs(tmp_path / "disk", "768k") as disk:
+        server = FullServer(disk, audit_elsewhere=tmp_path / "audit.log")
+        try:
+            # Each commit appends its pages to the WAL (16 KiB each): the filler leaves room
+            # for a few, and frees room for the three messages sent again.
+            fill(server.filler, limit=320 * 1024)
+            sent = [server.batch(k) for k in range(400)]
+            acked: list[str] = []
+            with pytest.raises(grpc.RpcError) as err:
+                for ack in server.remote.upload_acked(iter(sent)):
+                    assert ack.accepted == 32, ack.rejections[:1]
+                    acked += sent[ack.message].image_ids
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert DISK_FULL_MARKER in (err.value.details() or "")
+            assert len(acked) >= 64
+            held = {r[1] for r in rows(server.running.pool.path).values()}
+            assert set(acked) <= held
+
+            again = [server.batch(k) for k in range(1000, 1003)]
+            with pytest.raises(grpc.RpcError) as err:
+                server.remote.upload(iter(again))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            server.filler.unlink()
+            stored = server.running.pool.count("c")
+            result = server.remote.upload(iter(again))
+            assert result.rejected == 0
+            assert result.accepted + result.duplicate == 96
+            assert result.pool_size == server.running.pool.count("c") == stored + result.accepted
+            held = {r[1] for r in rows(server.running.pool.path).values()}
+            assert {i for b in again for i in b.image_ids} <= held
         finally:
             server.close()
 
