@@ -115,6 +115,8 @@ class TrainingSet:
         self._held = 0
         self._shape: tuple[int, ...] | None = None
         self._chunk = Chunk.empty(device, None)
+        # While the pool is held whole, _chunk views the front of these buffers (see _append).
+        self._room: Chunk | None = None
         # The index of every row the pool holds (for streaming and for the size).
         self._seq = np.empty(0, dtype=np.int64)
         self._t_cut = np.empty(0, dtype=np.int64)
@@ -202,20 +204,40 @@ class TrainingSet:
         return self._t_cut[at], self._labels[at]
 
     def _append(self, seq: np.ndarray, cuts: Tensor, t_cut: np.ndarray, labels: np.ndarray) -> None:
-        old = self._chunk
-        added = Chunk(
-            seq,
-            cuts.to(self.device, dtype=torch.float32),
-            torch.from_numpy(t_cut).to(self.device),
-            torch.from_numpy(labels).to(self.device),
-        )
+        """Add rows to the pool held whole, in place: the rows live at the front of buffers
+        with room to grow (up to twice the rows, within the budget), so an upload arriving
+        while the trainer runs costs a copy of what it adds, not of the whole pool."""
+        old, added = len(self._chunk), cuts.shape[0]
+        need = old + added
+        room = self._room
+        if (
+            room is None
+            or room.cuts.shape[0] < need
+            or (old and room.cuts.data_ptr() != self._chunk.cuts.data_ptr())
+        ):
+            row = 4 * math.prod(cuts.shape[1:])
+            capacity = max(need, min(2 * need, self.memory_bytes // max(1, row)))
+            room = Chunk(
+                np.empty(0, dtype=np.int64),
+                torch.empty((capacity, *cuts.shape[1:]), dtype=torch.float32, device=self.device),
+                torch.empty(capacity, dtype=torch.int64, device=self.device),
+                torch.empty(capacity, dtype=torch.int64, device=self.device),
+            )
+            if old:
+                room.cuts[:old].copy_(self._chunk.cuts)
+                room.t_cut[:old].copy_(self._chunk.t_cut)
+                room.labels[:old].copy_(self._chunk.labels)
+            self._room = room
+        room.cuts[old:need].copy_(cuts)
+        room.t_cut[old:need].copy_(torch.from_numpy(t_cut))
+        room.labels[old:need].copy_(torch.from_numpy(labels))
         self._chunk = Chunk(
-            np.concatenate([old.seq, added.seq]),
-            torch.cat([old.cuts.reshape(-1, *added.cuts.shape[1:]), added.cuts]),
-            torch.cat([old.t_cut, added.t_cut]),
-            torch.cat([old.labels, added.labels]),
+            np.concatenate([self._chunk.seq, seq]),
+            room.cuts[:need],
+            room.t_cut[:need],
+            room.labels[:need],
         )
-        self._account(added.nbytes)
+        self._account(added * 4 * math.prod(cuts.shape[1:]))
 
     def _begin_streaming(self, step: int) -> None:
         """The pool outgrew the budget: keep a random chunk's worth of what is held, and start
@@ -223,12 +245,17 @@ class TrainingSet:
         self.streaming = True
         rows = self.chunk_rows
         held = self._chunk
+        self._room = None  # the whole pool's buffers go: what is kept is copied out of them
         if len(held) > rows:
             gen = np.random.default_rng((self.seed, step, 0x5EED))
             mask = np.zeros(len(held), dtype=bool)
             mask[gen.choice(len(held), size=rows, replace=False)] = True
             self._chunk = held.keep(mask)
             self._account(self._chunk.nbytes - held.nbytes)
+        elif len(held):
+            self._chunk = Chunk(
+                held.seq, held.cuts.clone(), held.t_cut.clone(), held.labels.clone()
+            )
         self._steps_on_chunk = 0
         log.info(
             "the pool (%d images, %.1f MiB) outgrew the trainer's budget of %.1f MiB: streaming "
@@ -404,6 +431,8 @@ class TrainingSet:
             self._forgotten[client_index] = self._last_seq
             old = self._chunk
             self._chunk = self._drop_forgotten(old)
+            if self._chunk is not old:
+                self._room = None  # the rows kept are a compact copy
             self._account(self._chunk.nbytes - old.nbytes)
 
     def close(self) -> None:

@@ -87,6 +87,38 @@ def test_a_pool_larger_than_the_budget_is_streamed_whole_within_it(pool: Pool) -
         pool.close()
 
 
+def test_the_pool_held_whole_grows_in_place(pool: Pool) -> None:
+    """Uploads arriving while the pool is held whole are written behind it, not copied with
+    it; the room to grow stays within the budget; Forget keeps the right rows."""
+    data = streaming_set(pool, chunk_rows=1000)  # a budget of 2000 rows
+    try:
+        data.refresh()
+        start = data.held().cuts.data_ptr()
+        for k in range(5):
+            fill(pool, "a", CUT_A, first=600 + 10 * k, n=10)
+            data.refresh()
+            assert data.held().cuts.data_ptr() == start  # the same buffer: no copy of the pool
+        held = data.held()
+        assert held.cuts[:, 0, 0, 0].tolist() == list(range(650))
+        assert held.labels.tolist() == [0] * 400 + [1] * 200 + [0] * 50
+        assert held.t_cut.tolist() == [CUT_A] * 400 + [CUT_B] * 200 + [CUT_A] * 50
+        assert held.cuts.untyped_storage().nbytes() <= data.memory_bytes
+        fill(pool, "b", CUT_B, first=2000, n=1300)  # past the room: one copy, then in place
+        data.refresh()
+        assert not data.streaming and data.resident == 1950
+        assert data.held().cuts.untyped_storage().nbytes() <= data.memory_bytes
+        assert data.held().cuts[:, 0, 0, 0].tolist() == [*range(650), *range(2000, 3300)]
+        data.forget(1)
+        assert sorted(data.held().cuts[:, 0, 0, 0].tolist()) == [*range(400), *range(600, 650)]
+        fill(pool, "a", CUT_A, first=4000, n=5)
+        data.refresh()
+        assert data.held().cuts[:, 0, 0, 0].tolist()[-5:] == list(range(4000, 4005))
+        assert data.resident == 455
+    finally:
+        data.close()
+        pool.close()
+
+
 def test_a_pool_within_the_budget_is_held_whole_and_grows(pool: Pool) -> None:
     data = streaming_set(pool, chunk_rows=1000)
     try:
