@@ -84,6 +84,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     b.add_argument("--reps", type=int, help="alternated repetitions per figure (default 3)")
+    b.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="serve the network eager and skip P1's compiled baseline (on CUDA compiling takes "
+        "a minute or more of the run; without it P1 compares eager bf16 with eager bf16)",
+    )
     b.set_defaults(func=run_bench_command)
 
     from collafuse.experiments.multihost import add_multihost_command
@@ -149,6 +155,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         if args.reps < 1:
             raise ConfigError("--reps must be at least 1")
         settings = replace(settings, reps=args.reps)
+    if args.no_compile:
+        settings = replace(settings, compile=False)
     run_bench(
         settings,
         args.out,

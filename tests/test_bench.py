@@ -58,11 +58,13 @@ def test_quick_bench_writes_every_figure(
 ) -> None:
     out = tmp_path / "results" / "bench.json"
     # No time limit here: the machine is shared; the bench's own figures are its speed test.
-    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--device", "cpu", "--no-compile", "--out", str(out)]) == 0
 
     doc = json.loads(out.read_text())
     _check_report(doc)
     assert doc["settings"]["model_preset"] == "tiny"
+    assert doc["settings"]["compile"] is False
+    assert doc["settings"]["server_config"]["sampler"]["compile"] is False
     assert max(doc["settings"]["clients"]) <= 4
 
     printed = capsys.readouterr().out
