@@ -267,6 +267,18 @@ class Pool:
         # for a commit, and a long read of a chunk never holds up an upload's commit.
         self._read_lock = threading.Lock()
         self._read_db: sqlite3.Connection | None = None
+        # Images per client, counted once here and kept by add and forget after each commit
+        # (this object is the pool's only writer): status, metrics and quota checks then cost
+        # no scan of the pool under the lock that uploads commit behind.
+        try:
+            with self._errors():
+                counted = self._db.execute(
+                    "SELECT client_id, COUNT(*) FROM cuts GROUP BY client_id"
+                ).fetchall()
+        except BaseException:
+            self._db.close()
+            raise
+        self._counts: dict[str, int] = {str(c): int(n) for c, n in counted}
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -302,11 +314,8 @@ class Pool:
 
     def count(self, client_id: str) -> int:
         """Cut images held for one client."""
-        with self._lock, self._errors():
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM cuts WHERE client_id=?", (client_id,)
-            ).fetchone()
-        return int(row[0])
+        with self._lock:
+            return self._counts.get(client_id, 0)
 
     def register(
         self, client_id: str, t_cut: int, cut_ratio: float, max_clients: int
@@ -330,9 +339,7 @@ class Pool:
             else:
                 index = int(row[0])
                 if int(row[1]) != t_cut:
-                    held = self._db.execute(
-                        "SELECT COUNT(*) FROM cuts WHERE client_id=?", (client_id,)
-                    ).fetchone()[0]
+                    held = self._counts.get(client_id, 0)
                     if held:
                         raise ValueError(
                             f"client {client_id} already released {held} images at t_cut="
@@ -351,34 +358,36 @@ class Pool:
         array = cuts.detach().cpu().numpy().astype("<f4", copy=False)
         shape = ",".join(str(d) for d in array.shape[1:])
         now = time.time()
-        with self._lock, self._errors(), immediate_transaction(self._db):
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO cuts (client_id, image_id, t_cut, shape, data, "
-                "received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (client_id, image_id, t_cut, shape, array[i].tobytes(), now)
-                    for i, image_id in enumerate(image_ids)
-                ],
-            )
-            accepted = self._db.total_changes - before
+        with self._lock:
+            with self._errors(), immediate_transaction(self._db):
+                before = self._db.total_changes
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO cuts (client_id, image_id, t_cut, shape, data, "
+                    "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (client_id, image_id, t_cut, shape, array[i].tobytes(), now)
+                        for i, image_id in enumerate(image_ids)
+                    ],
+                )
+                accepted = self._db.total_changes - before
+            self._counts[client_id] = self._counts.get(client_id, 0) + accepted  # committed
         return accepted, len(image_ids) - accepted
 
     def forget(self, client_id: str) -> int:
         """Delete every cut image of a client (committed before returning); returns how many."""
-        with self._lock, self._errors(), immediate_transaction(self._db):
-            cur = self._db.execute("DELETE FROM cuts WHERE client_id=?", (client_id,))
+        with self._lock:
+            with self._errors(), immediate_transaction(self._db):
+                cur = self._db.execute("DELETE FROM cuts WHERE client_id=?", (client_id,))
+            self._counts.pop(client_id, None)  # committed
         return int(cur.rowcount)
 
     def pools(self) -> list[ClientPool]:
         """Per-client pool sizes."""
         with self._lock, self._errors():
             rows = self._db.execute(
-                "SELECT c.client_id, c.client_index, c.t_cut, COUNT(k.seq) FROM clients c "
-                "LEFT JOIN cuts k ON k.client_id = c.client_id GROUP BY c.client_id "
-                "ORDER BY c.client_index"
+                "SELECT client_id, client_index, t_cut FROM clients ORDER BY client_index"
             ).fetchall()
-        return [ClientPool(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+            return [ClientPool(r[0], int(r[1]), int(r[2]), self._counts.get(r[0], 0)) for r in rows]
 
     def read_since(self, seq: int) -> PoolRows:
         """Cut images that arrived after sequence number `seq`, pixels included."""

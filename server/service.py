@@ -269,9 +269,6 @@ class UploadStream:
     # The commit on the writer thread, and how many images it carries.
     _writing: Future[tuple[list[str], int, int]] | None = None
     _writing_count: int = 0
-    # The client's pool as of this stream's last commit (counted once: a COUNT per message
-    # costs more the more the client holds). Other streams' commits since are not in it.
-    _held: int | None = None
 
     def add(self, batch: CutBatch, commit: bool = False) -> None:
         """Check one message's cut images and queue them for a commit; with `commit`, return
@@ -303,9 +300,15 @@ class UploadStream:
             return
         if self._writing is not None and self._writing.done():
             self._collect()
-        if self._held is None:
-            self._held = svc.pool.count(self.client_id)
-        held = self._held + self._writing_count + sum(len(ids) for ids, _ in self._waiting)
+        # The pool's count, then the commit in progress if it had not finished by then: a
+        # commit updates the count before it reports done, so nothing is counted twice.
+        held = svc.pool.count(self.client_id)
+        if self._writing is not None:
+            if self._writing.done():
+                held = svc.pool.count(self.client_id)
+            else:
+                held += self._writing_count
+        held += sum(len(ids) for ids, _ in self._waiting)
         quota = svc.config.policy.max_images_per_client
         if held + len(keep) > quota:
             raise PolicyError(
@@ -350,7 +353,7 @@ class UploadStream:
 
     def _collect(self) -> None:
         """Wait for the commit in progress and count what it stored."""
-        assert self._writing is not None and self._held is not None
+        assert self._writing is not None
         writing, self._writing = self._writing, None
         self._writing_count = 0
         try:
@@ -361,7 +364,7 @@ class UploadStream:
         self.accepted += a
         self.duplicate += d
         self.acknowledged += ids
-        self._held = self.pool_size = self._held + a  # as of this commit: no second COUNT
+        self.pool_size = self.service.pool.count(self.client_id)  # kept in memory: no scan
 
     def acknowledge(self, index: int, batch: CutBatch) -> UploadAck:
         """Store one message (as `add`) and answer for it alone, with a receipt."""

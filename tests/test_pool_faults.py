@@ -164,6 +164,39 @@ def test_damaged_pool_is_refused_at_open_and_salvaged(
     assert main(["pool", "salvage", str(path), "--out", str(out)]) == 2
 
 
+def test_counts_follow_the_rows(tmp_path: Path) -> None:
+    """The per-client counts the pool keeps in memory agree with its rows: after adds with
+    duplicates, a Forget, a re-upload and a reopen."""
+    path = tmp_path / "pool.sqlite"
+
+    def on_disk() -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for client, _, _ in rows(path).values():
+            counted[client] = counted.get(client, 0) + 1
+        return counted
+
+    pool = Pool(path)
+    try:
+        for client in ("a", "b"):
+            pool.register(client, T_CUT, 0.4, max_clients=2)
+        assert pool.add("a", T_CUT, ["x", "y", "z"], cuts(3, 0)) == (3, 0)
+        assert pool.add("a", T_CUT, ["y", "w"], cuts(2, 1)) == (1, 1)
+        assert pool.add("b", T_CUT, ["x"], cuts(1, 2)) == (1, 0)
+        assert pool.count("a") == 4 and pool.count("b") == 1 and pool.count("nobody") == 0
+        assert {p.client_id: p.num_images for p in pool.pools()} == on_disk() == {"a": 4, "b": 1}
+        assert pool.forget("a") == 4
+        assert pool.count("a") == 0
+        assert {p.client_id: p.num_images for p in pool.pools()} == {"a": 0, "b": 1}
+        assert pool.add("a", T_CUT, ["x"], cuts(1, 3)) == (1, 0)
+    finally:
+        pool.close()
+    pool = Pool(path)
+    try:
+        assert {p.client_id: p.num_images for p in pool.pools()} == on_disk() == {"a": 1, "b": 1}
+    finally:
+        pool.close()
+
+
 def test_healthy_pool_passes_the_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "pool.sqlite"
     pool = Pool(path, full_check=True)
