@@ -256,13 +256,26 @@ class Pool:
         self._lock = threading.Lock()
         with self._errors():
             self._db = open_database(path, _SCHEMA, page_size=POOL_PAGE_SIZE)
-            # SQLite folds the WAL back after 1,000 pages by default: 16 MiB of 16 KiB pages.
-            # Keep the 4 MiB that pools of 4 KiB pages had, whatever this pool's page size.
-            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-            self._db.execute(f"PRAGMA wal_autocheckpoint={max(1, WAL_CHECKPOINT_BYTES // page)}")
+        # One guard for everything read at opening: any failure closes the connection.
         try:
             with self._errors():
+                # SQLite folds the WAL back after 1,000 pages by default: 16 MiB of 16 KiB
+                # pages. Keep the 4 MiB that pools of 4 KiB pages had, whatever the page size.
+                page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+                self._db.execute(
+                    f"PRAGMA wal_autocheckpoint={max(1, WAL_CHECKPOINT_BYTES // page)}"
+                )
                 problems = _problems(self._db, full_check)
+                # Images per client, counted once here and kept by add and forget after each
+                # commit (this object is the pool's only writer): status, metrics and quota
+                # checks then cost no scan of the pool under the lock uploads commit behind.
+                counted = (
+                    []
+                    if problems
+                    else self._db.execute(
+                        "SELECT client_id, COUNT(*) FROM cuts GROUP BY client_id"
+                    ).fetchall()
+                )
         except BaseException:
             self._db.close()
             raise
@@ -273,17 +286,6 @@ class Pool:
         # for a commit, and a long read of a chunk never holds up an upload's commit.
         self._read_lock = threading.Lock()
         self._read_db: sqlite3.Connection | None = None
-        # Images per client, counted once here and kept by add and forget after each commit
-        # (this object is the pool's only writer): status, metrics and quota checks then cost
-        # no scan of the pool under the lock that uploads commit behind.
-        try:
-            with self._errors():
-                counted = self._db.execute(
-                    "SELECT client_id, COUNT(*) FROM cuts GROUP BY client_id"
-                ).fetchall()
-        except BaseException:
-            self._db.close()
-            raise
         self._counts: dict[str, int] = {str(c): int(n) for c, n in counted}
 
     @contextmanager
