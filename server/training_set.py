@@ -147,10 +147,14 @@ class TrainingSet:
         return len(self._chunk)
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one image's pixels (float32); 0 before the image shape is known."""
+        return 4 * math.prod(self._shape) if self._shape else 0
+
+    @property
     def chunk_rows(self) -> int:
         """Rows per streamed chunk: half the budget, so the next chunk fits beside it."""
-        row = 4 * math.prod(self._shape) if self._shape else 1
-        return max(1, self.memory_bytes // (2 * row))
+        return max(1, self.memory_bytes // (2 * max(1, self.row_bytes)))
 
     def _account(self, delta: int) -> None:
         with self._lock:
@@ -176,9 +180,8 @@ class TrainingSet:
             self._t_cut = np.concatenate([self._t_cut, index.t_cut])
             self._labels = np.concatenate([self._labels, index.client_index])
             self._last_seq = int(index.seq[-1])
-            row = 4 * math.prod(self._shape or ())
             if not self.streaming:
-                if self.size * row <= self.memory_bytes:
+                if self.size * self.row_bytes <= self.memory_bytes:
                     seq, cuts = self.pool.read_cuts(index.seq, self._shape or ())
                     self._append(seq, cuts, *self._lookup(seq))
                 else:
@@ -209,13 +212,13 @@ class TrainingSet:
         while the trainer runs costs a copy of what it adds, not of the whole pool."""
         old, added = len(self._chunk), cuts.shape[0]
         need = old + added
+        row = self.row_bytes  # the callers set the shape first
         room = self._room
         if (
             room is None
             or room.cuts.shape[0] < need
             or (old and room.cuts.data_ptr() != self._chunk.cuts.data_ptr())
         ):
-            row = 4 * math.prod(cuts.shape[1:])
             capacity = max(need, min(2 * need, self.memory_bytes // max(1, row)))
             room = Chunk(
                 np.empty(0, dtype=np.int64),
@@ -237,7 +240,7 @@ class TrainingSet:
             room.t_cut[:need],
             room.labels[:need],
         )
-        self._account(added * 4 * math.prod(cuts.shape[1:]))
+        self._account(added * row)
 
     def _begin_streaming(self, step: int) -> None:
         """The pool outgrew the budget: keep a random chunk's worth of what is held, and start
@@ -261,7 +264,7 @@ class TrainingSet:
             "the pool (%d images, %.1f MiB) outgrew the trainer's budget of %.1f MiB: streaming "
             "it from disk in shuffled chunks of %d images",
             self.size,
-            self.size * 4 * math.prod(self._shape or ()) / 2**20,
+            self.size * self.row_bytes / 2**20,
             self.memory_bytes / 2**20,
             rows,
         )
@@ -322,7 +325,7 @@ class TrainingSet:
     def _read(self, seqs: np.ndarray) -> Chunk:
         """The rows with these sequence numbers that still exist, on the device."""
         assert self.pool is not None and self._shape is not None
-        row = 4 * math.prod(self._shape)
+        row = self.row_bytes
         self._account(len(seqs) * row)  # the buffer is allocated before the rows are read
         try:
             found, cuts = self.pool.read_cuts(seqs, self._shape)
